@@ -1,0 +1,115 @@
+import type { Logger } from '../log/logger.js';
+import { silentLogger } from '../log/logger.js';
+import { serveMailbox, type MailboxAccess } from './mailbox.js';
+import { ControlRequest, DeviceSignal, MAX_SIGNALLED_QUEUES, WorkerState } from './signals.js';
+
+/** What the runner drives: a transport (and through it a device model). No method may throw. */
+export interface RunnerTarget {
+  /** A register access forwarded through the mailbox; returns the value the guest reads. */
+  access(access: MailboxAccess): number;
+  /** The guest rang queue `index`'s doorbell. */
+  notifyQueue(index: number): void;
+  /** Host-initiated device reset. */
+  reset(): void;
+  /** Device work that does not come from the guest (e.g. delivering fault events); true if any was done. */
+  poll?(): boolean;
+}
+
+export interface RunnerOptions {
+  /** Longest busy-wait before sleeping, in microseconds (default 50). 0 never spins. */
+  readonly maxSpinMicros?: number;
+  readonly log?: Logger;
+}
+
+/**
+ * The device worker's event loop. After each burst of work it spins on the wake word for a bounded
+ * time that adapts to the traffic (doubling while spins catch new work, halving while they expire),
+ * then sleeps with Atomics.waitAsync so the worker's message loop (the comlink control plane) stays
+ * responsive. It never polls with timers.
+ */
+export class DeviceRunner {
+  private readonly signals: Int32Array;
+  private readonly log: Logger;
+  private readonly maxSpinMs: number;
+  private spinMs: number;
+  private stopped = false;
+
+  constructor(
+    signalBuffer: SharedArrayBuffer,
+    private readonly target: RunnerTarget,
+    options: RunnerOptions = {},
+  ) {
+    this.signals = new Int32Array(signalBuffer);
+    this.log = options.log ?? silentLogger;
+    this.maxSpinMs = (options.maxSpinMicros ?? 50) / 1000;
+    this.spinMs = this.maxSpinMs;
+  }
+
+  /** Handles everything pending once. Returns true if anything was done. */
+  step(): boolean {
+    const s = this.signals;
+    let worked = false;
+    const control = Atomics.exchange(s, DeviceSignal.CONTROL, 0);
+    if (control & ControlRequest.RESET) {
+      this.guard('reset', () => this.target.reset());
+      worked = true;
+    }
+    if (control & ControlRequest.STOP) this.stopped = true;
+    if (serveMailbox(s, (a) => this.guard('register access', () => this.target.access(a), 0))) worked = true;
+    for (let word = 0; word < MAX_SIGNALLED_QUEUES / 32; word++) {
+      let bits = Atomics.exchange(s, DeviceSignal.QUEUE_PENDING + word, 0);
+      while (bits !== 0) {
+        const bit = 31 - Math.clz32(bits & -bits);
+        bits &= bits - 1;
+        const queue = word * 32 + bit;
+        Atomics.add(s, DeviceSignal.STAT_DOORBELLS, 1);
+        this.guard('queue notify', () => this.target.notifyQueue(queue));
+        worked = true;
+      }
+    }
+    if (this.target.poll !== undefined && this.guard('poll', () => this.target.poll!(), false)) worked = true;
+    return worked;
+  }
+
+  /** Serves until a STOP control request arrives. */
+  async run(): Promise<void> {
+    const s = this.signals;
+    Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.RUNNING);
+    while (!this.stopped) {
+      const wake = Atomics.load(s, DeviceSignal.WAKE);
+      if (this.step()) continue;
+      if (this.stopped) break;
+      if (this.spinMs > 0 && this.spin(wake)) continue;
+      Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.SLEEPING);
+      const waited = Atomics.waitAsync(s, DeviceSignal.WAKE, wake);
+      if (waited.async) await waited.value;
+      Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.RUNNING);
+      Atomics.add(s, DeviceSignal.STAT_WAKEUPS, 1);
+    }
+    Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.STOPPED);
+  }
+
+  /** Busy-waits for the wake word to move; adapts the budget to whether spinning pays off. */
+  private spin(wake: number): boolean {
+    const s = this.signals;
+    const until = performance.now() + this.spinMs;
+    do {
+      if (Atomics.load(s, DeviceSignal.WAKE) !== wake) {
+        this.spinMs = Math.min(this.maxSpinMs, this.spinMs * 2);
+        return true;
+      }
+    } while (performance.now() < until);
+    this.spinMs = Math.max(this.maxSpinMs / 64, this.spinMs / 2);
+    return false;
+  }
+
+  private guard<T>(what: string, fn: () => T, fallback?: T): T {
+    try {
+      return fn();
+    } catch (err) {
+      // Transports and models turn guest errors into statuses; reaching here is a host bug.
+      this.log.error({ err, what }, 'device target threw; ignored to keep the worker alive');
+      return fallback as T;
+    }
+  }
+}
