@@ -13,5 +13,5 @@ export class GuestMemoryError extends Error {
 
 export function formatAddress(value: number | bigint): string {
   if (typeof value === 'number' && !Number.isFinite(value)) return String(value);
-  return `0x${value.toString(16)}`;
+  return value < 0 ? `-0x${(-value).toString(16)}` : `0x${value.toString(16)}`;
 }
