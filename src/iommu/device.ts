@@ -1,0 +1,657 @@
+import type { Logger } from '../log/logger.js';
+import { silentLogger } from '../log/logger.js';
+import { FeatureBit, featureMask, hasFeature } from '../virtio/constants.js';
+import type { DeviceEnvironment, VirtioDeviceModel } from '../virtio/device.js';
+import { ChainReader, ChainWriter, QueueError, type DescriptorChain, type SplitQueue } from '../virtio/split-queue.js';
+import type { IommuBackend, PagingDomainHandle } from './backend.js';
+import {
+  AttachFlag,
+  AttachReq,
+  DetachReq,
+  FaultFlag,
+  FaultReason,
+  FaultRecord,
+  IOMMU_DEVICE_TYPE,
+  IommuConfig,
+  IommuFeature,
+  IommuQueue,
+  MapFlag,
+  MapReq,
+  ProbeProperty,
+  ProbePropertyType,
+  ProbeReq,
+  ProbeResvMem,
+  ReqHead,
+  ReqTail,
+  RequestType,
+  ResvMemSubtype,
+  Status,
+  STATUS_NAMES,
+  UnmapReq,
+  type IommuFeatureName,
+} from './layout.js';
+import { isZero, readField, readField64, writeField } from './wire.js';
+
+const U64_MAX = (1n << 64n) - 1n;
+
+export interface VirtioIommuOptions {
+  /** Endpoint IDs behind the IOMMU (e.g. PCI requester IDs). Any other ID does not exist. */
+  readonly endpoints: readonly number[];
+  /** Initial value of config `bypass` (QEMU's boot-bypass). Default true. */
+  readonly bootBypass?: boolean;
+  /** Also offer the legacy VIRTIO_IOMMU_F_BYPASS feature (the spec advises new devices not to). */
+  readonly offerLegacyBypass?: boolean;
+  /** Page sizes the device maps; the lowest set bit is the granule. Default: every size from 4 KiB. */
+  readonly pageSizeMask?: bigint;
+  readonly inputRange?: readonly [bigint, bigint];
+  readonly domainRange?: readonly [number, number];
+  /** Bytes of PROBE properties. Default 512, as QEMU. */
+  readonly probeSize?: number;
+  /** Device-specific features to offer (default: all but legacy BYPASS). */
+  readonly features?: readonly IommuFeatureName[];
+  /** Most domains that may exist at once (ATTACH beyond it gets NOMEM). Default 65536. */
+  readonly maxDomains?: number;
+  /** Fault records kept while the guest posts no event buffers; older ones are coalesced. Default 256. */
+  readonly maxPendingFaults?: number;
+  readonly log?: Logger;
+}
+
+/** A DMA fault reported by the backend for one endpoint. */
+export interface EndpointFault {
+  readonly reason: 'UNKNOWN' | 'DOMAIN' | 'MAPPING';
+  readonly endpoint: number;
+  readonly address?: bigint;
+  readonly read?: boolean;
+  readonly write?: boolean;
+  readonly exec?: boolean;
+}
+
+type Domain =
+  | { readonly id: number; readonly kind: 'bypass'; readonly endpoints: Set<number> }
+  | { readonly id: number; readonly kind: 'paging'; readonly handle: PagingDomainHandle; readonly endpoints: Set<number> };
+
+export interface VirtioIommuStats {
+  readonly requests: number;
+  readonly byStatus: Record<string, number>;
+  readonly unparsable: number;
+  readonly domains: number;
+  readonly faultsReported: number;
+  readonly faultsPending: number;
+  readonly faultsDropped: number;
+}
+
+/** Outcome of one request: a status to write in the tail, or NONE (buffer returned unwritten). */
+type Outcome = Status | 'NONE';
+
+/**
+ * The virtio-iommu device (virtio 1.2 §5.13), a client of the ioasid backend: domains become
+ * IOAS + paging HWPT pairs, endpoints are backend devices, MAP/UNMAP become IOAS map/unmap.
+ */
+export class VirtioIommuDevice implements VirtioDeviceModel {
+  readonly deviceType = IOMMU_DEVICE_TYPE;
+  readonly queueMaxSizes = [256, 256] as const;
+  readonly configSize = IommuConfig.SIZE;
+  readonly offeredFeatures: bigint;
+
+  private readonly log: Logger;
+  private readonly endpointIds: ReadonlySet<number>;
+  private readonly pageSizeMask: bigint;
+  private readonly granule: bigint;
+  private readonly inputRange: readonly [bigint, bigint];
+  private readonly domainRange: readonly [number, number];
+  private readonly probeSize: number;
+  private readonly maxDomains: number;
+  private readonly maxPendingFaults: number;
+  private readonly bootBypass: boolean;
+
+  private bypass: boolean;
+  private negotiated = 0n;
+  private env: DeviceEnvironment | undefined;
+  private readonly domains = new Map<number, Domain>();
+  /** Endpoint → domain it is attached to. */
+  private readonly attachedTo = new Map<number, number>();
+  private readonly pendingFaults: EndpointFault[] = [];
+  private readonly counters = { requests: 0, unparsable: 0, faultsReported: 0, faultsDropped: 0 };
+  private readonly byStatus = new Map<string, number>();
+
+  constructor(
+    private readonly backend: IommuBackend,
+    options: VirtioIommuOptions,
+  ) {
+    this.log = options.log ?? silentLogger;
+    this.endpointIds = new Set(options.endpoints);
+    this.pageSizeMask = options.pageSizeMask ?? ~0xfffn & U64_MAX;
+    if (this.pageSizeMask === 0n) throw new RangeError('pageSizeMask must have at least one bit set');
+    this.granule = this.pageSizeMask & -this.pageSizeMask;
+    this.inputRange = options.inputRange ?? [0n, U64_MAX];
+    this.domainRange = options.domainRange ?? [0, 0xffff_ffff];
+    this.probeSize = options.probeSize ?? 512;
+    this.maxDomains = options.maxDomains ?? 65536;
+    this.maxPendingFaults = options.maxPendingFaults ?? 256;
+    this.bootBypass = options.bootBypass ?? true;
+    this.bypass = this.bootBypass;
+    const names: readonly IommuFeatureName[] = options.features ?? [
+      'INPUT_RANGE',
+      'DOMAIN_RANGE',
+      'MAP_UNMAP',
+      'PROBE',
+      'MMIO',
+      'BYPASS_CONFIG',
+      ...(options.offerLegacyBypass ? (['BYPASS'] as const) : []),
+    ];
+    let features =
+      featureMask(FeatureBit.VERSION_1) | featureMask(FeatureBit.INDIRECT_DESC) | featureMask(FeatureBit.EVENT_IDX);
+    for (const name of names) features |= featureMask(IommuFeature[name]);
+    this.offeredFeatures = features;
+    this.applyUnattachedMode();
+  }
+
+  // ---- config space -------------------------------------------------------------------------
+
+  readConfig(offset: number, size: 1 | 2 | 4): number {
+    const bytes = new Uint8Array(IommuConfig.SIZE);
+    const view = new DataView(bytes.buffer);
+    writeField(view, IommuConfig.pageSizeMask, this.pageSizeMask);
+    writeField(view, IommuConfig.inputRangeStart, this.inputRange[0]);
+    writeField(view, IommuConfig.inputRangeEnd, this.inputRange[1]);
+    writeField(view, IommuConfig.domainRangeStart, this.domainRange[0]);
+    writeField(view, IommuConfig.domainRangeEnd, this.domainRange[1]);
+    writeField(view, IommuConfig.probeSize, this.probeSize);
+    // virtio 1.2 §5.13.4.2: the device MUST NOT present a value other than 0 or 1 in bypass.
+    writeField(view, IommuConfig.bypass, this.bypass ? 1 : 0);
+    if (offset < 0 || offset + size > IommuConfig.SIZE) return 0;
+    return size === 1 ? view.getUint8(offset) : size === 2 ? view.getUint16(offset, true) : view.getUint32(offset, true);
+  }
+
+  writeConfig(offset: number, size: 1 | 2 | 4, value: number): void {
+    // virtio 1.2 §5.13.4.1: with BYPASS_CONFIG the driver may write `bypass`, and nothing else.
+    if (offset !== IommuConfig.bypass.offset || !this.offers(IommuFeature.BYPASS_CONFIG)) {
+      this.log.warn({ offset, size, value }, 'ignored driver write to a read-only config field');
+      return;
+    }
+    const byte = value & 0xff;
+    if (byte > 1) {
+      // The driver MUST NOT write other values; keep the field a valid 0 or 1.
+      this.log.warn({ value: byte }, 'ignored bypass write that is neither 0 nor 1');
+      return;
+    }
+    if ((byte === 1) !== this.bypass) {
+      this.bypass = byte === 1;
+      this.log.info({ bypass: this.bypass }, 'global bypass changed');
+      this.applyUnattachedMode();
+    }
+  }
+
+  // ---- lifecycle ----------------------------------------------------------------------------
+
+  activate(env: DeviceEnvironment): void {
+    this.env = env;
+    this.negotiated = env.features;
+    this.applyUnattachedMode();
+    this.deliverFaults();
+  }
+
+  reset(): void {
+    // virtio 1.2 §5.13.5: when the device is reset, endpoints are not attached to any domain.
+    for (const domain of [...this.domains.values()]) this.destroyDomain(domain);
+    this.attachedTo.clear();
+    this.env = undefined;
+    this.negotiated = 0n;
+    // `bypass` SHOULD NOT change on device reset (§5.13.4.2); only a system reset restores it.
+    this.applyUnattachedMode();
+  }
+
+  /** System (machine) reset: like reset(), and config `bypass` returns to its boot value. */
+  systemReset(): void {
+    this.bypass = this.bootBypass;
+    this.reset();
+  }
+
+  notify(queueIndex: number): void {
+    const env = this.env;
+    if (env === undefined) return;
+    if (queueIndex === IommuQueue.REQUEST) this.serveRequests(env);
+    else if (queueIndex === IommuQueue.EVENT) this.deliverFaults();
+  }
+
+  // ---- faults -------------------------------------------------------------------------------
+
+  /**
+   * Queues a fault record for the event queue. When the guest has posted no event buffer the
+   * record waits in a bounded list; past its bound the oldest records are dropped and counted.
+   */
+  reportFault(fault: EndpointFault): void {
+    this.pendingFaults.push(fault);
+    if (this.pendingFaults.length > this.maxPendingFaults) {
+      this.pendingFaults.shift();
+      this.counters.faultsDropped++;
+      if (this.counters.faultsDropped === 1 || this.counters.faultsDropped % 1000 === 0) {
+        this.log.warn({ dropped: this.counters.faultsDropped }, 'event queue has no buffers: fault records dropped');
+      }
+    }
+    this.deliverFaults();
+  }
+
+  private deliverFaults(): void {
+    const env = this.env;
+    const queue = env?.queues[IommuQueue.EVENT];
+    if (env === undefined || queue === undefined || this.pendingFaults.length === 0) return;
+    let delivered = 0;
+    while (this.pendingFaults.length > 0) {
+      const chain = queue.pop();
+      if (chain === null) break;
+      if (chain instanceof QueueError) {
+        env.needsReset(`event queue: ${chain.reason}`);
+        return;
+      }
+      const fault = this.pendingFaults[0]!;
+      if (chain.writableLength < FaultRecord.SIZE) {
+        // A buffer too small for the record: return it unused rather than split the record.
+        this.log.warn({ writable: chain.writableLength }, 'event buffer smaller than a fault record');
+        queue.addUsed(chain.head, 0);
+        delivered++;
+        continue;
+      }
+      this.pendingFaults.shift();
+      const record = new Uint8Array(FaultRecord.SIZE);
+      const view = new DataView(record.buffer);
+      writeField(view, FaultRecord.reason, FaultReason[fault.reason]);
+      let flags = 0;
+      if (fault.read) flags |= FaultFlag.READ;
+      if (fault.write) flags |= FaultFlag.WRITE;
+      if (fault.exec) flags |= FaultFlag.EXEC;
+      if (fault.address !== undefined) {
+        flags |= FaultFlag.ADDRESS;
+        writeField(view, FaultRecord.address, fault.address);
+      }
+      writeField(view, FaultRecord.flags, flags);
+      writeField(view, FaultRecord.endpoint, fault.endpoint);
+      new ChainWriter(env.memory, chain.writable).write(record);
+      queue.addUsed(chain.head, FaultRecord.SIZE);
+      this.counters.faultsReported++;
+      delivered++;
+    }
+    if (delivered > 0) {
+      queue.flushUsed();
+      env.notifyUsed(IommuQueue.EVENT);
+    }
+  }
+
+  // ---- requests -----------------------------------------------------------------------------
+
+  private serveRequests(env: DeviceEnvironment): void {
+    const queue = env.queues[IommuQueue.REQUEST];
+    if (queue === undefined) return;
+    let served = 0;
+    for (;;) {
+      const chain = queue.pop();
+      if (chain === null) {
+        if (!queue.enableNotifications()) break;
+        continue;
+      }
+      if (chain instanceof QueueError) {
+        env.needsReset(`request queue: ${chain.reason}`);
+        return;
+      }
+      queue.addUsed(chain.head, this.serveOne(env, chain));
+      served++;
+    }
+    if (served > 0) {
+      this.flushAndNotify(env, queue);
+    }
+  }
+
+  private flushAndNotify(env: DeviceEnvironment, queue: SplitQueue): void {
+    queue.flushUsed();
+    env.notifyUsed(IommuQueue.REQUEST);
+  }
+
+  /** Handles one request chain and returns the used length. */
+  private serveOne(env: DeviceEnvironment, chain: DescriptorChain): number {
+    this.counters.requests++;
+    const reader = new ChainReader(env.memory, chain.readable);
+    // The readable part is at most the largest request; anything beyond is ignored.
+    const request = new Uint8Array(Math.min(reader.remaining, ProbeReq.SIZE));
+    reader.read(request);
+    const writable = chain.writableLength;
+    if (request.length < ReqHead.SIZE || writable < ReqTail.SIZE) {
+      // virtio 1.2 §5.13.6: a device that cannot find the tail returns the buffers unwritten.
+      this.counters.unparsable++;
+      this.log.warn({ readable: request.length, writable }, 'request without head or tail: returned unwritten');
+      return 0;
+    }
+    const view = new DataView(request.buffer);
+    const type = readField(view, ReqHead.type);
+    let outcome: Outcome;
+    let tailOffset = 0;
+    let properties: Uint8Array | undefined;
+    switch (type) {
+      case RequestType.ATTACH:
+        outcome = this.sized(request, AttachReq.SIZE, type) ?? this.attach(request, view);
+        break;
+      case RequestType.DETACH:
+        outcome = this.sized(request, DetachReq.SIZE, type) ?? this.detach(view);
+        break;
+      case RequestType.MAP:
+        outcome = this.sized(request, MapReq.SIZE, type) ?? this.mapRequest(view);
+        break;
+      case RequestType.UNMAP:
+        outcome = this.sized(request, UnmapReq.SIZE, type) ?? this.unmapRequest(view);
+        break;
+      case RequestType.PROBE: {
+        if (!this.negotiatedFeature(IommuFeature.PROBE)) {
+          // §5.13.6.5: without PROBE the device SHOULD NOT write the buffer and SHOULD use length 0.
+          outcome = 'NONE';
+          break;
+        }
+        tailOffset = this.probeSize;
+        if (writable < this.probeSize + ReqTail.SIZE) {
+          // §5.13.6.5: properties smaller than probe_size: write no property, status INVAL.
+          tailOffset = writable - ReqTail.SIZE;
+          outcome = Status.INVAL;
+          break;
+        }
+        const result = this.sized(request, ProbeReq.SIZE, type) ?? this.probe(view);
+        if (typeof result === 'object') {
+          properties = result;
+          outcome = Status.OK;
+        } else {
+          outcome = result;
+        }
+        break;
+      }
+      default:
+        // §5.13.6: an unrecognised type: SHOULD NOT write the buffer, used length zero.
+        this.log.warn({ type }, 'unknown request type: returned unwritten');
+        outcome = 'NONE';
+    }
+    this.count(outcome);
+    if (outcome === 'NONE') return 0;
+    const writer = new ChainWriter(env.memory, chain.writable);
+    const out = new Uint8Array(tailOffset + ReqTail.SIZE);
+    if (properties !== undefined) out.set(properties);
+    // §5.13.6: the device SHOULD set the tail's reserved bytes to zero (they are, in `out`).
+    out[tailOffset + ReqTail.status.offset] = outcome;
+    writer.write(out);
+    return out.length;
+  }
+
+  /** A request shorter than its type's layout is invalid. */
+  private sized(request: Uint8Array, size: number, type: number): Status | undefined {
+    if (request.length >= size) return undefined;
+    this.log.warn({ type, length: request.length, expected: size }, 'request too short for its type');
+    return Status.INVAL;
+  }
+
+  private attach(request: Uint8Array, view: DataView): Status {
+    const domainId = readField(view, AttachReq.domain);
+    const endpoint = readField(view, AttachReq.endpoint);
+    const flags = readField(view, AttachReq.flags);
+    // §5.13.6.1: reserved not zero → the device MUST reject the request with INVAL.
+    if (!isZero(request, AttachReq.reserved)) return Status.INVAL;
+    const knownFlags = this.negotiatedFeature(IommuFeature.BYPASS_CONFIG) ? AttachFlag.BYPASS : 0;
+    // §5.13.6.1: a flags bit the device does not recognise → MUST reject with INVAL.
+    if ((flags & ~knownFlags) !== 0) return Status.INVAL;
+    // §5.13.6.1: an endpoint that does not exist → MUST reject with NOENT.
+    if (!this.endpointIds.has(endpoint)) return Status.NOENT;
+    if (!this.domainInRange(domainId)) return Status.RANGE;
+    const wantBypass = (flags & AttachFlag.BYPASS) !== 0;
+    const existing = this.domains.get(domainId);
+    if (existing !== undefined && (existing.kind === 'bypass') !== wantBypass) {
+      // §5.13.6.1: BYPASS flag inconsistent with the existing domain → SHOULD reject with INVAL.
+      return Status.INVAL;
+    }
+    if (this.attachedTo.get(endpoint) === domainId) return Status.OK;
+    let domain = existing;
+    let created = false;
+    if (domain === undefined) {
+      if (this.domains.size >= this.maxDomains) return Status.NOMEM;
+      if (wantBypass) {
+        domain = { id: domainId, kind: 'bypass', endpoints: new Set() };
+      } else {
+        const handle = this.backend.createPagingDomain();
+        if (typeof handle === 'string') return errnoToStatus(handle, Status.NOMEM);
+        domain = { id: domainId, kind: 'paging', handle, endpoints: new Set() };
+      }
+      created = true;
+    }
+    // §5.13.6.1: attaching an endpoint already attached elsewhere behaves as DETACH then ATTACH;
+    // the backend replaces the attachment atomically, so DMA never sees a gap.
+    const errno =
+      domain.kind === 'bypass' ? this.backend.attachIdentity(endpoint) : this.backend.attachPaging(endpoint, domain.handle);
+    if (errno !== undefined) {
+      if (created && domain.kind === 'paging') this.backend.destroyPagingDomain(domain.handle);
+      this.log.warn({ endpoint, domain: domainId, errno }, 'attach refused by the backend');
+      // §5.13.6.1: endpoints whose properties are incompatible with the domain → UNSUPP.
+      return errnoToStatus(errno, Status.UNSUPP);
+    }
+    if (created) this.domains.set(domainId, domain);
+    const previous = this.attachedTo.get(endpoint);
+    if (previous !== undefined) this.leaveDomain(endpoint, previous);
+    domain.endpoints.add(endpoint);
+    this.attachedTo.set(endpoint, domainId);
+    return Status.OK;
+  }
+
+  private detach(view: DataView): Status {
+    const domainId = readField(view, DetachReq.domain);
+    const endpoint = readField(view, DetachReq.endpoint);
+    // §5.13.6.2: the device MUST ignore reserved.
+    // §5.13.6.2: an endpoint that does not exist → MUST reject with NOENT.
+    if (!this.endpointIds.has(endpoint)) return Status.NOENT;
+    // §5.13.6.2: no such domain, or endpoint not attached to it → MAY set INVAL.
+    if (this.attachedTo.get(endpoint) !== domainId) return Status.INVAL;
+    // After DETACH the endpoint MUST NOT reach the domain's mappings; the backend's attach
+    // completes only once no device worker can still use the old translation.
+    const errno = this.bypassInEffect() ? this.backend.attachIdentity(endpoint) : this.backend.attachBlocked(endpoint);
+    if (errno !== undefined) {
+      this.log.error({ endpoint, errno }, 'backend refused to detach');
+      return Status.DEVERR;
+    }
+    this.leaveDomain(endpoint, domainId);
+    return Status.OK;
+  }
+
+  private mapRequest(view: DataView): Status {
+    const domainId = readField(view, MapReq.domain);
+    const virtStart = readField64(view, MapReq.virtStart);
+    const virtEnd = readField64(view, MapReq.virtEnd);
+    const physStart = readField64(view, MapReq.physStart);
+    const flags = readField(view, MapReq.flags);
+    if (!this.negotiatedFeature(IommuFeature.MAP_UNMAP)) return Status.UNSUPP;
+    const known = MapFlag.READ | MapFlag.WRITE | (this.negotiatedFeature(IommuFeature.MMIO) ? MapFlag.MMIO : 0);
+    // §5.13.6.3: a flags bit the device does not recognise → MUST reject with INVAL.
+    if ((flags & ~known) !== 0) return Status.INVAL;
+    if (!this.domainInRange(domainId)) return Status.RANGE;
+    const domain = this.domains.get(domainId);
+    // §5.13.6.3: domain does not exist → SHOULD reject with NOENT.
+    if (domain === undefined) return Status.NOENT;
+    // §5.13.6.3: a bypass domain → SHOULD reject with INVAL.
+    if (domain.kind === 'bypass') return Status.INVAL;
+    // The driver MUST make virt_end strictly greater than virt_start; an inverted range is invalid.
+    if (virtEnd < virtStart) return Status.INVAL;
+    const mask = this.granule - 1n;
+    // §5.13.6.3: virt_start, phys_start or virt_end + 1 not on the granule → SHOULD reject with RANGE.
+    if ((virtStart & mask) !== 0n || (physStart & mask) !== 0n || ((virtEnd + 1n) & mask) !== 0n) return Status.RANGE;
+    // §5.13.6: mappings outside input_range fail.
+    if (virtStart < this.inputRange[0] || virtEnd > this.inputRange[1]) return Status.RANGE;
+    const length = virtEnd - virtStart + 1n;
+    const physEnd = physStart + length - 1n;
+    if (physEnd > BigInt(Number.MAX_SAFE_INTEGER)) return Status.RANGE;
+    // §5.13.6.3: a mapping already in the range → SHOULD reject with INVAL.
+    if (this.backend.mappingsIn(domain.handle, virtStart, virtEnd).length > 0) return Status.INVAL;
+    // §5.13.6.7: the device SHOULD reject a MAP that overlaps a RESV_MEM region of an attached endpoint.
+    for (const ep of domain.endpoints) {
+      for (const r of this.backend.reservedRegions(ep)) {
+        if (r.start <= virtEnd && virtStart <= r.end) return Status.INVAL;
+      }
+    }
+    const errno = this.backend.map(
+      domain.handle,
+      virtStart,
+      length,
+      Number(physStart),
+      (flags & MapFlag.READ) !== 0,
+      (flags & MapFlag.WRITE) !== 0,
+      (flags & MapFlag.MMIO) !== 0,
+    );
+    if (errno !== undefined) {
+      this.log.warn({ domain: domainId, virtStart, virtEnd, physStart, errno }, 'map refused by the backend');
+      return errnoToStatus(errno, Status.DEVERR);
+    }
+    return Status.OK;
+  }
+
+  private unmapRequest(view: DataView): Status {
+    const domainId = readField(view, UnmapReq.domain);
+    const virtStart = readField64(view, UnmapReq.virtStart);
+    const virtEnd = readField64(view, UnmapReq.virtEnd);
+    if (!this.negotiatedFeature(IommuFeature.MAP_UNMAP)) return Status.UNSUPP;
+    // §5.13.6.4: reserved not zero MAY give INVAL; this device ignores it and unmaps.
+    if (!this.domainInRange(domainId)) return Status.RANGE;
+    const domain = this.domains.get(domainId);
+    // §5.13.6.4: domain does not exist → SHOULD set NOENT.
+    if (domain === undefined) return Status.NOENT;
+    // §5.13.6.4: a bypass domain → SHOULD reject with INVAL.
+    if (domain.kind === 'bypass') return Status.INVAL;
+    if (virtEnd < virtStart) return Status.INVAL;
+    const hit = this.backend.mappingsIn(domain.handle, virtStart, virtEnd);
+    for (const m of hit) {
+      // §5.13.6.4: a mapping the range would split → SHOULD set RANGE and remove nothing.
+      if (m.start < virtStart || m.end > virtEnd) return Status.RANGE;
+    }
+    // §5.13.6.4: parts of the range that are not mapped are fine: remove what is there, OK.
+    if (hit.length === 0) return Status.OK;
+    const errno = this.backend.unmap(domain.handle, hit[0]!.start, hit[hit.length - 1]!.end);
+    if (errno !== undefined) {
+      this.log.error({ domain: domainId, errno }, 'backend failed to unmap');
+      return errnoToStatus(errno, Status.DEVERR);
+    }
+    return Status.OK;
+  }
+
+  private probe(view: DataView): Status | Uint8Array {
+    const endpoint = readField(view, ProbeReq.endpoint);
+    // §5.13.6.5: an endpoint that does not exist → SHOULD reject with NOENT.
+    if (!this.endpointIds.has(endpoint)) return Status.NOENT;
+    const out = new Uint8Array(this.probeSize);
+    let at = 0;
+    for (const region of this.backend.reservedRegions(endpoint)) {
+      if (at + ProbeResvMem.SIZE > this.probeSize) {
+        this.log.warn({ endpoint }, 'probe_size too small for every reserved region; list truncated');
+        break;
+      }
+      const prop = new DataView(out.buffer, at, ProbeResvMem.SIZE);
+      writeField(prop, ProbeProperty.type, ProbePropertyType.RESV_MEM);
+      // §5.13.6.5: length is the property's size without its header.
+      writeField(prop, ProbeProperty.length, ProbeResvMem.VALUE_LENGTH);
+      writeField(prop, ProbeResvMem.subtype, region.kind === 'msi' ? ResvMemSubtype.MSI : ResvMemSubtype.RESERVED);
+      writeField(prop, ProbeResvMem.start, region.start);
+      writeField(prop, ProbeResvMem.end, region.end);
+      at += ProbeResvMem.SIZE;
+    }
+    // The remaining bytes stay zero: an empty property ends the list (§5.13.6.5).
+    return out;
+  }
+
+  // ---- domain bookkeeping -------------------------------------------------------------------
+
+  private leaveDomain(endpoint: number, domainId: number): void {
+    const domain = this.domains.get(domainId);
+    this.attachedTo.delete(endpoint);
+    if (domain === undefined) return;
+    domain.endpoints.delete(endpoint);
+    // §5.13.6.2: once every endpoint is detached, the domain ceases to exist.
+    if (domain.endpoints.size === 0) this.destroyDomain(domain);
+  }
+
+  private destroyDomain(domain: Domain): void {
+    this.domains.delete(domain.id);
+    if (domain.kind === 'paging') {
+      for (const ep of domain.endpoints) {
+        this.attachedTo.delete(ep);
+        this.unattachedMode(ep);
+      }
+      this.backend.destroyPagingDomain(domain.handle);
+    } else {
+      for (const ep of domain.endpoints) {
+        this.attachedTo.delete(ep);
+        this.unattachedMode(ep);
+      }
+    }
+    domain.endpoints.clear();
+  }
+
+  /** Puts every endpoint that is not attached into bypass or blocked, per the current rules. */
+  private applyUnattachedMode(): void {
+    for (const ep of this.endpointIds) if (!this.attachedTo.has(ep)) this.unattachedMode(ep);
+  }
+
+  private unattachedMode(endpoint: number): void {
+    const errno = this.bypassInEffect() ? this.backend.attachIdentity(endpoint) : this.backend.attachBlocked(endpoint);
+    if (errno !== undefined) this.log.error({ endpoint, errno }, 'backend refused the unattached-endpoint mode');
+  }
+
+  /**
+   * §5.13.6: an unattached endpoint is in bypass if BYPASS_CONFIG is offered and `bypass` is 1
+   * (even when the driver did not accept the feature), or if legacy BYPASS was negotiated.
+   */
+  private bypassInEffect(): boolean {
+    if (this.offers(IommuFeature.BYPASS_CONFIG) && this.bypass) return true;
+    return this.negotiatedFeature(IommuFeature.BYPASS);
+  }
+
+  private domainInRange(domainId: number): boolean {
+    if (!this.offers(IommuFeature.DOMAIN_RANGE)) return true;
+    return domainId >= this.domainRange[0] && domainId <= this.domainRange[1];
+  }
+
+  private offers(bit: number): boolean {
+    return hasFeature(this.offeredFeatures, bit);
+  }
+
+  private negotiatedFeature(bit: number): boolean {
+    return hasFeature(this.negotiated, bit);
+  }
+
+  private count(outcome: Outcome): void {
+    const name = outcome === 'NONE' ? 'NONE' : (STATUS_NAMES[outcome] ?? String(outcome));
+    this.byStatus.set(name, (this.byStatus.get(name) ?? 0) + 1);
+  }
+
+  stats(): VirtioIommuStats {
+    return {
+      requests: this.counters.requests,
+      byStatus: Object.fromEntries(this.byStatus),
+      unparsable: this.counters.unparsable,
+      domains: this.domains.size,
+      faultsReported: this.counters.faultsReported,
+      faultsPending: this.pendingFaults.length,
+      faultsDropped: this.counters.faultsDropped,
+    };
+  }
+}
+
+/** iommufd errno → virtio-iommu status, for failures the request checks did not catch first. */
+export function errnoToStatus(errno: string, fallback: Status): Status {
+  switch (errno) {
+    case 'ENOENT':
+      return Status.NOENT;
+    case 'EEXIST':
+    case 'EINVAL':
+    case 'EADDRINUSE':
+      return Status.INVAL;
+    case 'ERANGE':
+    case 'EOVERFLOW':
+      return Status.RANGE;
+    case 'ENOMEM':
+    case 'ENOSPC':
+      return Status.NOMEM;
+    case 'EFAULT':
+      return Status.FAULT;
+    case 'EOPNOTSUPP':
+      return Status.UNSUPP;
+    default:
+      return fallback;
+  }
+}
