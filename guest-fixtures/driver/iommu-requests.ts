@@ -1,0 +1,136 @@
+import {
+  AttachReq,
+  DetachReq,
+  FaultRecord,
+  MapReq,
+  ProbeProperty,
+  ProbeReq,
+  ProbeResvMem,
+  ReqHead,
+  ReqTail,
+  RequestType,
+  UnmapReq,
+} from '../../src/iommu/layout.js';
+import { readField, readField64, writeField } from '../../src/iommu/wire.js';
+
+/**
+ * Guest-side encoding of virtio-iommu requests, as a guest kernel's driver builds them: the
+ * device-readable part (head and fields) and the size of the device-writable part (tail, plus the
+ * properties for PROBE).
+ */
+export interface EncodedRequest {
+  readonly readable: Uint8Array;
+  readonly writable: number;
+}
+
+function request(layout: { SIZE: number }, type: number, fill: (view: DataView) => void): EncodedRequest {
+  const bytes = new Uint8Array(layout.SIZE);
+  const view = new DataView(bytes.buffer);
+  writeField(view, ReqHead.type, type);
+  fill(view);
+  return { readable: bytes, writable: ReqTail.SIZE };
+}
+
+export function encodeAttach(domain: number, endpoint: number, flags = 0): EncodedRequest {
+  return request(AttachReq, RequestType.ATTACH, (v) => {
+    writeField(v, AttachReq.domain, domain);
+    writeField(v, AttachReq.endpoint, endpoint);
+    writeField(v, AttachReq.flags, flags);
+  });
+}
+
+export function encodeDetach(domain: number, endpoint: number): EncodedRequest {
+  return request(DetachReq, RequestType.DETACH, (v) => {
+    writeField(v, DetachReq.domain, domain);
+    writeField(v, DetachReq.endpoint, endpoint);
+  });
+}
+
+export function encodeMap(domain: number, virtStart: bigint, virtEnd: bigint, physStart: bigint, flags: number): EncodedRequest {
+  return request(MapReq, RequestType.MAP, (v) => {
+    writeField(v, MapReq.domain, domain);
+    writeField(v, MapReq.virtStart, virtStart);
+    writeField(v, MapReq.virtEnd, virtEnd);
+    writeField(v, MapReq.physStart, physStart);
+    writeField(v, MapReq.flags, flags);
+  });
+}
+
+export function encodeUnmap(domain: number, virtStart: bigint, virtEnd: bigint): EncodedRequest {
+  return request(UnmapReq, RequestType.UNMAP, (v) => {
+    writeField(v, UnmapReq.domain, domain);
+    writeField(v, UnmapReq.virtStart, virtStart);
+    writeField(v, UnmapReq.virtEnd, virtEnd);
+  });
+}
+
+export function encodeProbe(endpoint: number, probeSize: number): EncodedRequest {
+  const r = request(ProbeReq, RequestType.PROBE, (v) => writeField(v, ProbeReq.endpoint, endpoint));
+  return { readable: r.readable, writable: probeSize + ReqTail.SIZE };
+}
+
+/**
+ * The status of a completed request: the tail is the last 4 bytes the device wrote, so it sits at
+ * `usedLength - 4` of the writable part. A used length of 0 (or one too short for a tail) means the
+ * device returned the buffers unwritten.
+ */
+export function statusOf(writable: Uint8Array, usedLength: number): number | 'NONE' {
+  if (usedLength < ReqTail.SIZE || usedLength > writable.length) return 'NONE';
+  return writable[usedLength - ReqTail.SIZE + ReqTail.status.offset]!;
+}
+
+export interface ProbedResvMem {
+  readonly type: 'RESV_MEM';
+  readonly subtype: number;
+  readonly start: bigint;
+  readonly end: bigint;
+}
+export interface ProbedUnknown {
+  readonly type: number;
+  readonly length: number;
+}
+
+/** Walks a PROBE reply's properties the way the spec tells a driver to (§5.13.6.5). */
+export function parseProbeProperties(properties: Uint8Array): (ProbedResvMem | ProbedUnknown)[] {
+  const out: (ProbedResvMem | ProbedUnknown)[] = [];
+  let at = 0;
+  while (at + ProbeProperty.SIZE <= properties.length) {
+    const view = new DataView(properties.buffer, properties.byteOffset + at, properties.length - at);
+    const rawType = readField(view, ProbeProperty.type);
+    const type = rawType & ProbeProperty.TYPE_MASK;
+    const length = readField(view, ProbeProperty.length);
+    if (type === 0) break;
+    if (at + ProbeProperty.SIZE + length > properties.length) break;
+    if (rawType !== type) {
+      // The driver MUST ignore a property whose reserved bits are set.
+    } else if (type === 1 && length >= ProbeResvMem.VALUE_LENGTH) {
+      out.push({
+        type: 'RESV_MEM',
+        subtype: readField(view, ProbeResvMem.subtype),
+        start: readField64(view, ProbeResvMem.start),
+        end: readField64(view, ProbeResvMem.end),
+      });
+    } else {
+      out.push({ type, length });
+    }
+    at += ProbeProperty.SIZE + length;
+  }
+  return out;
+}
+
+export interface DecodedFault {
+  readonly reason: number;
+  readonly flags: number;
+  readonly endpoint: number;
+  readonly address: bigint;
+}
+
+export function decodeFault(record: Uint8Array): DecodedFault {
+  const view = new DataView(record.buffer, record.byteOffset, record.length);
+  return {
+    reason: readField(view, FaultRecord.reason),
+    flags: readField(view, FaultRecord.flags),
+    endpoint: readField(view, FaultRecord.endpoint),
+    address: readField64(view, FaultRecord.address),
+  };
+}
