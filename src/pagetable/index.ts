@@ -1,0 +1,7 @@
+export * from './format.js';
+export { TablePool } from './pool.js';
+export type { TablePoolDescriptor, TablePoolOptions, TablePoolStats } from './pool.js';
+export { IoPageTable } from './radix.js';
+export type { AreaVisitor, LeafVisitor } from './radix.js';
+export { emptyLeafInfo, headerGeneration, walk } from './walk.js';
+export type { LeafInfo } from './walk.js';
