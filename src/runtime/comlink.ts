@@ -1,4 +1,4 @@
-import { expose, transferHandlers, wrap, type Endpoint, type Remote } from 'comlink';
+import { expose, releaseProxy, transferHandlers, wrap, type Endpoint, type Remote } from 'comlink';
 import nodeEndpointModule from 'comlink/dist/umd/node-adapter.js';
 import type { MessagePort } from 'node:worker_threads';
 import type { Worker } from 'node:worker_threads';
@@ -69,3 +69,8 @@ export function wrapPort<T>(port: MessagePort | Worker): Remote<T> {
 }
 
 export type { Remote };
+
+/** Detaches a proxy from its port so the port can close. */
+export function releaseRemote(remote: Remote<unknown>): void {
+  (remote as unknown as { [releaseProxy](): void })[releaseProxy]();
+}

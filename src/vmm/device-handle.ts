@@ -1,0 +1,120 @@
+import { Worker } from 'node:worker_threads';
+import type { GuestMemory } from '../memory/index.js';
+import { releaseRemote, wrapPort, type Remote } from '../runtime/comlink.js';
+import type { DeviceModelSpec, DeviceWorkerApi, DeviceWorkerStart, TransportKind } from '../runtime/device-worker-protocol.js';
+import { workerUrl } from '../runtime/worker-url.js';
+import type { MmioBus, PciBus } from '../virtio/bus.js';
+import { MmioBusClient, PciBusClient } from '../virtio/bus-client.js';
+import { InterruptWaiter } from '../virtio/interrupt-waiter.js';
+import { PCI_NOTIFY_BAR, pciNotifyOffset } from '../virtio/pci.js';
+import { DeviceSignal, WorkerState, createSignalBuffer, ringDoorbell } from '../virtio/signals.js';
+
+export interface SpawnDeviceOptions {
+  readonly name: string;
+  readonly model: DeviceModelSpec;
+  readonly transport: TransportKind;
+  readonly memory: GuestMemory;
+  /** Queues the model has, for the PCI client's doorbell window (default 8). */
+  readonly queues?: number;
+  readonly maxSpinMicros?: number;
+  /** How long a register access may wait for the worker (default 10 s). */
+  readonly accessTimeoutMs?: number;
+}
+
+/** Failure of a device worker, reported to whoever holds its handle. */
+export class DeviceWorkerError extends Error {
+  readonly code = 'EDEVICEWORKER' as const;
+  constructor(
+    readonly device: string,
+    message: string,
+  ) {
+    super(`device ${device}: ${message}`);
+    this.name = 'DeviceWorkerError';
+  }
+}
+
+/**
+ * A virtio device running in its own worker, as the VMM sees it: the register bus (synchronous
+ * accesses through the mailbox, doorbells without a round trip), the interrupt output, and the
+ * comlink control plane.
+ */
+export class DeviceHandle {
+  /** The worker's failure, once it has failed. */
+  failure: DeviceWorkerError | undefined;
+  private exited = false;
+
+  private constructor(
+    readonly name: string,
+    readonly transport: TransportKind,
+    readonly worker: Worker,
+    readonly signals: SharedArrayBuffer,
+    readonly control: Remote<DeviceWorkerApi>,
+    readonly bus: MmioBus | PciBus,
+    readonly interrupts: InterruptWaiter,
+  ) {
+    worker.on('error', (err) => {
+      this.failure = new DeviceWorkerError(name, `worker crashed: ${err.message}`);
+      Atomics.store(new Int32Array(signals), DeviceSignal.WORKER_STATE, WorkerState.CRASHED);
+    });
+    worker.on('exit', (code) => {
+      this.exited = true;
+      const s = new Int32Array(signals);
+      if (Atomics.load(s, DeviceSignal.WORKER_STATE) !== WorkerState.CRASHED) {
+        Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.STOPPED);
+      }
+      if (code !== 0 && this.failure === undefined) this.failure = new DeviceWorkerError(name, `worker exited with code ${code}`);
+    });
+  }
+
+  static async spawn(options: SpawnDeviceOptions): Promise<DeviceHandle> {
+    const signals = createSignalBuffer();
+    const start: DeviceWorkerStart = {
+      name: options.name,
+      model: options.model,
+      transport: options.transport,
+      memory: options.memory.describe(),
+      signals,
+      ...(options.maxSpinMicros !== undefined ? { maxSpinMicros: options.maxSpinMicros } : {}),
+    };
+    const worker = new Worker(workerUrl('device-worker'), { workerData: start, name: `viommu:${options.name}` });
+    const control = wrapPort<DeviceWorkerApi>(worker);
+    const clientOptions = options.accessTimeoutMs !== undefined ? { timeoutMs: options.accessTimeoutMs } : {};
+    const bus =
+      options.transport === 'mmio'
+        ? new MmioBusClient(signals, clientOptions)
+        : new PciBusClient(signals, { bar: PCI_NOTIFY_BAR, offsetOf: pciNotifyOffset, queues: options.queues ?? 8 }, clientOptions);
+    const handle = new DeviceHandle(options.name, options.transport, worker, signals, control, bus, new InterruptWaiter(signals));
+    // The first control call answers once the worker has built its device: that is readiness.
+    await Promise.race([
+      control.stats(),
+      new Promise((_, reject) => worker.once('error', (err) => reject(new DeviceWorkerError(options.name, `failed to start: ${err.message}`)))),
+    ]);
+    return handle;
+  }
+
+  /** Rings queue `index`'s doorbell directly (what a QueueNotify write does). */
+  ringDoorbell(index: number): void {
+    ringDoorbell(new Int32Array(this.signals), index);
+  }
+
+  /** Stops the device loop and ends the worker. Safe to call twice and after a crash. */
+  async close(): Promise<void> {
+    if (!this.exited && this.failure === undefined) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      try {
+        await Promise.race([
+          this.control.stop(),
+          new Promise((resolve) => {
+            timer = setTimeout(resolve, 2000);
+          }),
+        ]);
+      } catch {
+        // The worker may already be going away; terminate below either way.
+      } finally {
+        clearTimeout(timer);
+      }
+    }
+    releaseRemote(this.control);
+    await this.worker.terminate();
+  }
+}
