@@ -16,15 +16,14 @@ export interface RunnerTarget {
 }
 
 export interface RunnerOptions {
-  /** Longest busy-wait before sleeping, in microseconds (default 50). 0 never spins. */
+  /** Longest busy-wait before sleeping, in microseconds (default 1000: longer than a wake-up on a busy host, so two waiting sides cannot keep missing each other). 0 never spins. */
   readonly maxSpinMicros?: number;
   readonly log?: Logger;
 }
 
 /**
  * The device worker's event loop. After each burst of work it spins on the wake word for a bounded
- * time that adapts to the traffic (doubling while spins catch new work, halving while they expire),
- * then sleeps with Atomics.waitAsync so the worker's message loop (the comlink control plane) stays
+ * time that adapts to the traffic (see adapt()), then sleeps with Atomics.waitAsync so the worker's message loop (the comlink control plane) stays
  * responsive. It never polls with timers.
  */
 export class DeviceRunner {
@@ -41,7 +40,7 @@ export class DeviceRunner {
   ) {
     this.signals = new Int32Array(signalBuffer);
     this.log = options.log ?? silentLogger;
-    this.maxSpinMs = (options.maxSpinMicros ?? 50) / 1000;
+    this.maxSpinMs = (options.maxSpinMicros ?? 1000) / 1000;
     this.spinMs = this.maxSpinMs;
   }
 
@@ -81,26 +80,35 @@ export class DeviceRunner {
       if (this.stopped) break;
       if (this.spinMs > 0 && this.spin(wake)) continue;
       Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.SLEEPING);
+      const sleptAt = performance.now();
       const waited = Atomics.waitAsync(s, DeviceSignal.WAKE, wake);
       if (waited.async) await waited.value;
       Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.RUNNING);
       Atomics.add(s, DeviceSignal.STAT_WAKEUPS, 1);
+      this.adapt(performance.now() - sleptAt);
     }
     Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.STOPPED);
   }
 
-  /** Busy-waits for the wake word to move; adapts the budget to whether spinning pays off. */
+  /** Busy-waits for the wake word to move within the current budget. */
   private spin(wake: number): boolean {
     const s = this.signals;
     const until = performance.now() + this.spinMs;
-    do {
-      if (Atomics.load(s, DeviceSignal.WAKE) !== wake) {
-        this.spinMs = Math.min(this.maxSpinMs, this.spinMs * 2);
-        return true;
-      }
-    } while (performance.now() < until);
-    this.spinMs = Math.max(this.maxSpinMs / 64, this.spinMs / 2);
-    return false;
+    for (;;) {
+      for (let i = 0; i < 64; i++) if (Atomics.load(s, DeviceSignal.WAKE) !== wake) return true;
+      if (performance.now() >= until) return false;
+    }
+  }
+
+  /**
+   * Halt-polling policy, in the spirit of KVM's: a sleep that ended soon (the guest was still
+   * talking; the figure includes the wake-up latency, tens to hundreds of microseconds on a busy
+   * host) means a longer spin would have paid, so the budget grows back to the maximum; a long sleep
+   * means the guest went quiet, so the budget shrinks and an idle worker stops burning a core.
+   */
+  private adapt(sleptMs: number): void {
+    if (sleptMs < 2) this.spinMs = Math.min(this.maxSpinMs, this.spinMs * 4);
+    else if (sleptMs > 20) this.spinMs = Math.max(this.maxSpinMs / 64, this.spinMs / 2);
   }
 
   private guard<T>(what: string, fn: () => T, fallback?: T): T {

@@ -9,7 +9,8 @@ export class InterruptWaiter {
 
   constructor(
     signalBuffer: SharedArrayBuffer,
-    private readonly spinIterations = 20_000,
+    /** How long to poll before sleeping, in microseconds. */
+    private readonly spinMicros = 1000,
   ) {
     this.signals = new Int32Array(signalBuffer);
   }
@@ -30,10 +31,13 @@ export class InterruptWaiter {
    */
   wait(since: number, timeoutMs: number): number | undefined {
     const s = this.signals;
-    for (let i = 0; i < this.spinIterations; i++) {
-      const now = Atomics.load(s, DeviceSignal.IRQ_COUNT);
-      if (now !== since) return now;
-    }
+    const spinUntil = performance.now() + Math.min(this.spinMicros / 1000, timeoutMs);
+    do {
+      for (let i = 0; i < 64; i++) {
+        const now = Atomics.load(s, DeviceSignal.IRQ_COUNT);
+        if (now !== since) return now;
+      }
+    } while (performance.now() < spinUntil);
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       const now = Atomics.load(s, DeviceSignal.IRQ_COUNT);

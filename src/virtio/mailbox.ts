@@ -12,8 +12,8 @@ export class DeviceTimeoutError extends Error {
 export interface MailboxClientOptions {
   /** How long one access may take before DeviceTimeoutError (default 10 s). */
   readonly timeoutMs?: number;
-  /** Polls of the done word before sleeping: a running worker answers in well under a microsecond. */
-  readonly spinIterations?: number;
+  /** How long to poll the done word before sleeping, in microseconds (default 1000): a running worker answers in about a microsecond, a wake-up from sleep costs tens to hundreds. */
+  readonly spinMicros?: number;
 }
 
 /**
@@ -23,14 +23,14 @@ export interface MailboxClientOptions {
  */
 export class MailboxClient {
   private readonly timeoutMs: number;
-  private readonly spinIterations: number;
+  private readonly spinMs: number;
 
   constructor(
     private readonly signals: Int32Array,
     options: MailboxClientOptions = {},
   ) {
     this.timeoutMs = options.timeoutMs ?? 10_000;
-    this.spinIterations = options.spinIterations ?? 2_000;
+    this.spinMs = (options.spinMicros ?? 1000) / 1000;
   }
 
   /** Performs one access; returns the value read (0 for writes), as an unsigned 32-bit number. */
@@ -54,9 +54,12 @@ export class MailboxClient {
       const seq = (Atomics.add(s, DeviceSignal.MB_SEQ, 1) + 1) | 0;
       Atomics.add(s, DeviceSignal.WAKE, 1);
       Atomics.notify(s, DeviceSignal.WAKE);
-      for (let i = 0; i < this.spinIterations; i++) {
-        if (Atomics.load(s, DeviceSignal.MB_DONE) === seq) return Atomics.load(s, DeviceSignal.MB_RESULT) >>> 0;
-      }
+      const spinUntil = performance.now() + this.spinMs;
+      do {
+        for (let i = 0; i < 64; i++) {
+          if (Atomics.load(s, DeviceSignal.MB_DONE) === seq) return Atomics.load(s, DeviceSignal.MB_RESULT) >>> 0;
+        }
+      } while (performance.now() < spinUntil);
       for (;;) {
         const done = Atomics.load(s, DeviceSignal.MB_DONE);
         if (done === seq) return Atomics.load(s, DeviceSignal.MB_RESULT) >>> 0;
