@@ -3,10 +3,11 @@ import type { DeviceEnvironment, VirtioDeviceModel } from '../virtio/device.js';
 import { ChainReader, ChainWriter, QueueError } from '../virtio/split-queue.js';
 
 /**
- * Device ID of the loopback test device. Not assigned by the virtio specification: it exists so the
- * queue, transport and worker machinery can be exercised without any device meaning.
+ * Device ID of the loopback test device: 63, the last ID a modern virtio-pci device can carry
+ * (PCI device IDs 0x1040..0x107f) and not assigned by the virtio specification. The device exists
+ * so the queue, transport and worker machinery can be exercised without any device meaning.
  */
-export const LOOPBACK_DEVICE_TYPE = 0x7f;
+export const LOOPBACK_DEVICE_TYPE = 63;
 
 /** Config space of the loopback device. */
 export const LoopbackConfig = {
