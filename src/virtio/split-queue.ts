@@ -61,7 +61,11 @@ export interface SplitQueueState {
   readonly nextUsed: number;
 }
 
-/** Largest indirect table, in descriptors: no chain may exceed the largest queue (virtio 1.2 §2.7.5.3.1). */
+/**
+ * Largest indirect table, in descriptors. virtio 1.2 §2.7.5.3.1 caps a chain at the queue size, but
+ * drivers do put longer chains in an indirect table of a small queue; the bound kept is the largest
+ * queue size, which still makes `next` (a u16) unable to escape a valid table.
+ */
 export const MAX_INDIRECT_DESCRIPTORS = MAX_QUEUE_SIZE;
 
 const U16 = 0xffff;
@@ -85,6 +89,7 @@ export function needsEvent(event: number, newIdx: number, oldIdx: number): boole
  */
 export class SplitQueue {
   private readonly size: number;
+  private readonly availFlagsAddr: number;
   private readonly availIdxAddr: number;
   private readonly availRingAddr: number;
   private readonly usedEventAddr: number;
@@ -94,7 +99,7 @@ export class SplitQueue {
   private readonly availEventAddr: number;
 
   private nextAvail = 0;
-  /** Next used slot to fill; entries before it and at/after `publishedUsed` are not yet visible. */
+  /** Next used slot to fill; slots from `publishedUsed` up to it are written but not yet visible. */
   private nextUsed = 0;
   /** Value last stored in used.idx. */
   private publishedUsed = 0;
@@ -113,6 +118,7 @@ export class SplitQueue {
   ) {
     const { size, driverAddr, deviceAddr } = config;
     this.size = size;
+    this.availFlagsAddr = driverAddr + AvailRing.flags.offset;
     this.availIdxAddr = driverAddr + AvailRing.idx.offset;
     this.availRingAddr = driverAddr + AvailRing.ring.offset;
     this.usedEventAddr = driverAddr + AvailRing.usedEventOffset(size);
@@ -398,15 +404,11 @@ export class SplitQueue {
         return needsEvent(this.memory.atomicLoadU16(this.usedEventAddr), now, old);
       }
       // virtio 1.2 §2.7.7.2: without EVENT_IDX, flags 0 means notify, NO_INTERRUPT means should not.
-      return (this.memory.atomicLoadU16(this.driverFlagsAddr()) & RingFlag.AVAIL_NO_INTERRUPT) === 0;
+      return (this.memory.atomicLoadU16(this.availFlagsAddr) & RingFlag.AVAIL_NO_INTERRUPT) === 0;
     } catch (err) {
       this.faulted('reading the driver notification fields', err);
       return false;
     }
-  }
-
-  private driverFlagsAddr(): number {
-    return this.config.driverAddr + AvailRing.flags.offset;
   }
 
   /**
