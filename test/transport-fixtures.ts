@@ -9,7 +9,8 @@ import { AvailRing, Descriptor, UsedRing } from '../src/virtio/layout.js';
 import { ChainReader, ChainWriter, QueueError } from '../src/virtio/split-queue.js';
 import { TransportFeatureBit } from '../src/virtio/transport.js';
 
-export const ECHO_DEVICE_TYPE = 0x7e;
+/** Unassigned device ID inside the modern virtio-pci range (0x1040 + ID <= 0x107f). */
+export const ECHO_DEVICE_TYPE = 0x3e;
 /** A device-specific feature bit the echo device offers (bit 0 of the device range). */
 export const ECHO_F_SHOUT = 0;
 
