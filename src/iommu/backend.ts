@@ -29,8 +29,8 @@ export interface PagingDomainHandle {
 export interface IommuBackend {
   /** Reserved IOVA ranges of an endpoint's device (PROBE RESV_MEM properties). */
   reservedRegions(endpoint: number): readonly ReservedRegion[];
-  /** A fresh paging domain, or an errno (e.g. ENOMEM at a limit). */
-  createPagingDomain(): PagingDomainHandle | Errno;
+  /** A fresh paging domain for `endpoint` to attach to first, or an errno (e.g. ENOMEM at a limit). */
+  createPagingDomain(endpoint: number): PagingDomainHandle | Errno;
   destroyPagingDomain(domain: PagingDomainHandle): void;
   /** Attach the endpoint's device to the domain, replacing any attachment atomically. */
   attachPaging(endpoint: number, domain: PagingDomainHandle): Errno | undefined;

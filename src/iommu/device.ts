@@ -409,7 +409,7 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
       if (wantBypass) {
         domain = { id: domainId, kind: 'bypass', endpoints: new Set() };
       } else {
-        const handle = this.backend.createPagingDomain();
+        const handle = this.backend.createPagingDomain(endpoint);
         if (typeof handle === 'string') return errnoToStatus(handle, Status.NOMEM);
         domain = { id: domainId, kind: 'paging', handle, endpoints: new Set() };
       }
