@@ -12,8 +12,10 @@
  *   define them (virtio 1.2 §4.1.3, §4.2.2). A caller holding a 64-bit access splits it into two
  *   4-byte accesses, low half first. Size 8 is accepted only where the spec has a 64-bit field
  *   (PCI common configuration queue addresses, device-specific configuration); the transport then
- *   performs it as that same pair of 4-byte accesses. Because a JS number holds 53 bits, an 8-byte
- *   value is exact only below 2^53: code that needs every 64-bit value uses two 4-byte accesses.
+ *   performs it as that same pair of 4-byte accesses. A JS number holds 53 bits, so an 8-byte access
+ *   carries only values below 2^53: a write of anything else is dropped, and a read of a field
+ *   holding a larger value returns 0 (both logged). Code that needs every 64-bit value uses two
+ *   4-byte accesses.
  * - Malformed accesses (unknown offset, wrong width, misaligned, outside the region) never throw:
  *   reads return 0 (all-ones where real PCI hardware floats the bus: outside a BAR, a disabled BAR,
  *   or beyond configuration space), writes are dropped, and the transport logs why.
@@ -57,7 +59,7 @@ export function splitU64(value: number): { lo: number; hi: number } | undefined 
   return { lo: value % 0x1_0000_0000, hi: Math.floor(value / 0x1_0000_0000) };
 }
 
-/** Joins two 32-bit halves read for an 8-byte access (exact below 2^53). */
-export function joinU64(lo: number, hi: number): number {
-  return (hi >>> 0) * 0x1_0000_0000 + (lo >>> 0);
+/** Joins two 32-bit halves read for an 8-byte access; undefined when the value is 2^53 or more. */
+export function joinU64(lo: number, hi: number): number | undefined {
+  return hi >>> 0 >= 0x20_0000 ? undefined : (hi >>> 0) * 0x1_0000_0000 + (lo >>> 0);
 }

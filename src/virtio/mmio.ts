@@ -244,7 +244,9 @@ export class MmioTransport implements MmioBus {
   private readConfig(offset: number, size: AccessSize): number {
     if (size === 8) {
       if (offset % 8 !== 0) return this.badConfigSize(offset, size);
-      return joinU64(this.core.readConfig(offset, 4), this.core.readConfig(offset + 4, 4));
+      const value = joinU64(this.core.readConfig(offset, 4), this.core.readConfig(offset + 4, 4));
+      if (value === undefined) this.log.warn({ offset }, '8-byte config read of a value >= 2^53 returns 0; use two 4-byte reads');
+      return value ?? 0;
     }
     if (size !== 1 && size !== 2 && size !== 4) return this.badConfigSize(offset, size);
     return this.core.readConfig(offset, size);

@@ -356,12 +356,13 @@ export class PciTransport implements PciBus {
     return size === 1 ? v.getUint8(offset) : size === 2 ? v.getUint16(offset, true) : v.getUint32(offset, true);
   }
 
-  /** Guest-programmed BAR address while memory decoding is enabled, else undefined. */
+  /** Guest-programmed BAR address while memory decoding is enabled (and below 2^53), else undefined. */
   barAddress(bar: number): number | undefined {
     if (bar !== 0 || (this.command & PciCommand.MEMORY_SPACE) === 0) return undefined;
-    const lo = this.configView.getUint32(PciHeader.bar0.offset, true) & ~0xf;
+    const lo = (this.configView.getUint32(PciHeader.bar0.offset, true) & ~0xf) >>> 0;
     const hi = this.configView.getUint32(PciHeader.bar1.offset, true);
-    return joinU64(lo, hi);
+    // A BAR placed at or above 2^53 cannot be named by a number; no guest RAM map reaches it.
+    return hi >= 0x20_0000 ? undefined : hi * 0x1_0000_0000 + lo;
   }
 
   private updateMapping(): void {
@@ -445,7 +446,9 @@ export class PciTransport implements PciBus {
   /** 8-byte accesses: only the common config's 64-bit fields and device config (see ./bus.ts). */
   private read64(offset: number): number {
     if (!this.allows64(offset)) return 0;
-    return joinU64(this.barAccessRead(offset, 4), this.barAccessRead(offset + 4, 4));
+    const value = joinU64(this.barAccessRead(offset, 4), this.barAccessRead(offset + 4, 4));
+    if (value === undefined) this.log.warn({ offset }, '8-byte BAR read of a value >= 2^53 returns 0; use two 4-byte reads');
+    return value ?? 0;
   }
 
   private write64(offset: number, value: number): void {
