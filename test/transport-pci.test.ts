@@ -345,6 +345,24 @@ describe('virtio-pci operation', () => {
     expect(transport.snapshot().pci.config[0]).toBe(0xf4);
   });
 
+  it('function-level reset returns config space to power-on values', () => {
+    const { transport, driver, ring, irq, mappings } = live();
+    ring.add(text('x'), 4);
+    driver.notify(0);
+    transport.configWrite(0x3c, 1, 11);
+    transport.resetFunction();
+    expect(transport.configRead(PCI_CFG.BAR0, 4)).toBe(0x4);
+    expect(transport.configRead(PCI_CFG.BAR1, 4)).toBe(0);
+    expect(transport.configRead(PCI_CFG.COMMAND, 2)).toBe(0);
+    expect(transport.configRead(0x3c, 1)).toBe(0);
+    expect(transport.barAddress(0)).toBeUndefined();
+    expect(mappings.at(-1)).toBeUndefined();
+    expect(transport.core.status).toBe(0);
+    expect(irq.level).toBe(0);
+    // And the guest can probe it again from scratch.
+    expect(new PciDriverTransport(transport, { bar0Address: BAR0_ADDRESS }).numQueues()).toBe(3);
+  });
+
   it('sets DEVICE_NEEDS_RESET and a config interrupt when the model fails', () => {
     const { driver, device, ring, irq } = live();
     device.fault = 'notify';

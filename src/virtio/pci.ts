@@ -210,6 +210,8 @@ export class PciTransport implements PciBus {
   private readonly writeMask: Uint8Array;
   private readonly configView: DataView;
   private readonly notifyLength: number;
+  private readonly options: PciTransportOptions;
+  private readonly device: VirtioDeviceModel;
   private mapped: number | undefined;
 
   constructor(device: VirtioDeviceModel, memory: GuestMemory, options: PciTransportOptions) {
@@ -234,6 +236,8 @@ export class PciTransport implements PciBus {
     this.config = new Uint8Array(this.configSpaceSize);
     this.writeMask = new Uint8Array(this.configSpaceSize);
     this.configView = new DataView(this.config.buffer);
+    this.device = device;
+    this.options = options;
     this.buildConfigSpace(device, options);
   }
 
@@ -635,6 +639,19 @@ export class PciTransport implements PciBus {
    */
   reset(): void {
     this.core.reset();
+  }
+
+  /**
+   * Function-level reset (a machine reset or PCIe FLR): configuration space back to its power-on
+   * values (BAR unassigned, decoding off), then a virtio reset.
+   */
+  resetFunction(): void {
+    this.config.fill(0);
+    this.writeMask.fill(0);
+    this.buildConfigSpace(this.device, this.options);
+    this.core.reset();
+    this.forwardInterrupt(this.core.interruptStatus);
+    this.updateMapping();
   }
 
   stats(): TransportStats {

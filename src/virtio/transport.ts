@@ -165,6 +165,8 @@ function joinAddress(lo: number, hi: number): number | undefined {
  */
 export class VirtioTransportCore {
   readonly log: Logger;
+  /** What the model gets as env.log. */
+  private readonly deviceLog: Logger;
   /** The features offered to the driver: the model's, minus transport bits this code cannot honour. */
   readonly deviceFeatures: bigint;
   readonly numQueues: number;
@@ -197,7 +199,9 @@ export class VirtioTransportCore {
     readonly memory: GuestMemory,
     options: TransportOptions,
   ) {
-    this.log = (options.log ?? silentLogger).child({ component: 'virtio-transport', deviceType: device.deviceType });
+    const base = options.log ?? silentLogger;
+    this.log = base.child({ component: 'virtio-transport', deviceType: device.deviceType });
+    this.deviceLog = base.child({ component: 'virtio-device', deviceType: device.deviceType });
     this.irq = options.irq;
     this.queueMemoryFor = options.queueMemory ?? (() => memory);
 
@@ -562,7 +566,6 @@ export class VirtioTransportCore {
     const epoch = this.epoch;
     this.live = new Array<SplitQueue | undefined>(this.numQueues).fill(undefined);
     this.liveMemory = undefined;
-    const log = this.log.child({ component: 'virtio-device' });
     const env: DeviceEnvironment = {
       memory: this.memory,
       features: this.state.negotiated,
@@ -576,13 +579,14 @@ export class VirtioTransportCore {
       needsReset: (reason: string) => {
         if (epoch === this.epoch) this.failDevice(String(reason));
       },
-      log,
+      log: this.deviceLog,
     };
-    this.env = env;
     this.state.queues.forEach((q, i) => {
       if (q.ready) this.makeLive(i, q);
     });
+    // A queue that cannot run already failed the device: the model is not started on it.
     if (this.state.status & DeviceStatus.DEVICE_NEEDS_RESET) return;
+    this.env = env;
     try {
       this.device.activate(env);
     } catch (err) {
