@@ -166,3 +166,45 @@ it('refuses a driver that does not accept VERSION_1', async () => {
   const m = await machine('mmio');
   expect(() => open(m, EVENT_IDX)).toThrow(/FEATURES_OK/);
 });
+
+describe('hostile register traffic across threads', () => {
+  it.each(['mmio', 'pci'] as const)('random %s accesses never take the device worker down', async (kind) => {
+    const m = await machine(kind);
+    const bus = m.handle.bus;
+    const access = fc.record({
+      write: fc.boolean(),
+      offset: fc.oneof(fc.integer({ min: 0, max: 0x140 }), fc.integer({ min: 0, max: 0x4000 }), fc.constantFrom(-4, 2 ** 31, 0x50, 0x70)),
+      size: fc.constantFrom(1, 2, 4, 8, 3 as never),
+      value: fc.oneof(fc.nat(), fc.constantFrom(0xffffffff, 0x0f, 0x80, 1)),
+      space: fc.constantFrom('config', 'bar0', 'bar1', 'bar9'),
+    });
+    fc.assert(
+      fc.property(fc.array(access, { maxLength: 40 }), (ops) => {
+        for (const op of ops) {
+          if (kind === 'mmio') {
+            const mmio = bus as MmioBus;
+            if (op.write) mmio.write(op.offset, op.size, op.value);
+            else mmio.read(op.offset, op.size);
+          } else {
+            const pci = bus as PciBus;
+            const size = (op.size === 8 ? 4 : op.size) as 1 | 2 | 4;
+            const bar = op.space === 'bar0' ? 0 : op.space === 'bar1' ? 1 : 9;
+            if (op.space === 'config') {
+              if (op.write) pci.configWrite(op.offset, size, op.value);
+              else pci.configRead(op.offset, size);
+            } else if (op.write) pci.barWrite(bar, op.offset, op.size, op.value);
+            else pci.barRead(bar, op.offset, op.size);
+          }
+        }
+      }),
+      { seed: 7, numRuns: 25 },
+    );
+    expect(m.handle.failure).toBeUndefined();
+    const stats = await m.handle.control.stats();
+    // DRIVER_OK is never shown without FEATURES_OK having been accepted first.
+    if (stats.status & DeviceStatus.DRIVER_OK) expect(stats.status & DeviceStatus.FEATURES_OK).toBe(DeviceStatus.FEATURES_OK);
+    // The worker still serves a well-behaved driver afterwards.
+    const dev = open(m);
+    expect(echo(m, dev, Uint8Array.from([1, 2, 3, 4]), false)).toEqual(Uint8Array.from([1, 2, 3, 4]));
+  });
+});
