@@ -83,10 +83,15 @@ describe('fault queue: one thread', () => {
     ]);
   });
 
-  it('bumps and notifies the wake word it was given', () => {
+  it('bumps the wake word it was given for the record the consumer waits at, not for the ones behind it', () => {
     const signals = new Int32Array(createSignalBuffer());
-    const producer = new FaultProducer(createFaultQueueBuffer(4), signals, DeviceSignal.WAKE);
+    const buffer = createFaultQueueBuffer(4);
+    const producer = new FaultProducer(buffer, signals, DeviceSignal.WAKE);
     producer.append(0, NO_PASID, 0, 0, 1, 2, 1);
+    producer.append(0, NO_PASID, 0, 0, 1, 2, 1);
+    expect(signals[DeviceSignal.WAKE]).toBe(1);
+    const consumer = new FaultConsumer(buffer);
+    expect(consumer.drain(() => undefined)).toBe(2);
     producer.append(0, NO_PASID, 0, 0, 1, 2, 1);
     expect(signals[DeviceSignal.WAKE]).toBe(2);
     expect(signals[DeviceSignal.IRQ_COUNT]).toBe(0);

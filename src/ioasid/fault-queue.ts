@@ -164,7 +164,11 @@ export class FaultProducer {
     // Publish: the consumer reads the fields only after it sees this store.
     Atomics.store(w, cell + FaultCell.SEQ, (pos + 1) | 0);
     Atomics.add(w, FaultQueueHeader.APPENDED, 1);
-    if (this.wakeSignals !== undefined) {
+    // Wake only for the record the consumer is stopped at: if HEAD is still behind it, the record
+    // at HEAD is unpublished or unread, and whoever publishes or reads it reaches this one (a
+    // consumer that advances HEAD to pos later re-reads this cell after our publish). A fault
+    // storm thus costs one notify per drain, not one per record.
+    if (this.wakeSignals !== undefined && Atomics.load(w, FaultQueueHeader.HEAD) === pos) {
       Atomics.add(this.wakeSignals, this.wakeIndex, 1);
       Atomics.notify(this.wakeSignals, this.wakeIndex);
     }
