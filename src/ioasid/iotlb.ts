@@ -40,6 +40,13 @@ export interface IotlbStats {
   readonly evictions: number;
 }
 
+// IotlbEntry as plain numbers: the hit path then does no property loads on the layout table.
+const STRIDE = IotlbEntry.STRIDE;
+const E_PFN = IotlbEntry.PFN;
+const E_HEADER = IotlbEntry.HEADER;
+const E_GUEST = IotlbEntry.GUEST;
+const E_FLAGS = IotlbEntry.FLAGS;
+const SHIFT_4K = PAGE_SHIFT;
 const SHIFT_2M = PAGE_SHIFT + LEVEL_BITS;
 const SHIFT_1G = PAGE_SHIFT + 2 * LEVEL_BITS;
 const PAGES_2M = 1 << LEVEL_BITS;
@@ -69,26 +76,27 @@ function powerOfTwo(name: string, value: number): number {
  * (revalidate(), or a fill under a newer generation). flush() drops everything.
  */
 export class Iotlb {
+  // Fields are declared, not initialised, and all set in the constructor: V8 then gives every one
+  // a fixed representation from its first store (an emitted `x;` would start each as undefined),
+  // which keeps the hit path to plain loads.
   /** Plain (unshared) entry array: small sets, then medium, then large. */
-  private readonly entries: Float64Array;
-  private readonly smallMask: number;
-  private readonly mediumBase: number;
-  private readonly mediumMask: number;
-  private readonly largeBase: number;
-  private readonly largeMask: number;
+  private declare readonly entries: Float64Array;
+  private declare readonly smallMask: number;
+  private declare nHits: number;
+  private declare nMisses: number;
+  private declare readonly mediumBase: number;
+  private declare readonly mediumMask: number;
+  private declare readonly largeBase: number;
+  private declare readonly largeMask: number;
   /** Valid 2 MiB / 1 GiB entries: while zero a small-set miss is final (one probe per miss). */
-  private hugeValid = 0;
-
-  private readonly trackHeader: Int32Array;
-  private readonly trackGeneration: Int32Array;
-  private tracked = 0;
-
-  private nHits = 0;
-  private nMisses = 0;
-  private nFills = 0;
-  private nFlushes = 0;
-  private nInvalidations = 0;
-  private nEvictions = 0;
+  private declare hugeValid: number;
+  private declare readonly trackHeader: Int32Array;
+  private declare readonly trackGeneration: Int32Array;
+  private declare tracked: number;
+  private declare nFills: number;
+  private declare nFlushes: number;
+  private declare nInvalidations: number;
+  private declare nEvictions: number;
 
   constructor(options: IotlbOptions = {}) {
     const small = powerOfTwo('smallEntries', options.smallEntries ?? 1024);
@@ -96,14 +104,22 @@ export class Iotlb {
     const large = powerOfTwo('largeEntries', options.largeEntries ?? 16);
     const spaces = options.trackedSpaces ?? 8;
     if (!Number.isInteger(spaces) || spaces < 1 || spaces > 1024) throw new RangeError(`trackedSpaces must be in [1, 1024], got ${spaces}`);
+    this.entries = new Float64Array((small + medium + large) * IotlbEntry.STRIDE);
     this.smallMask = small - 1;
+    this.nHits = 0;
+    this.nMisses = 0;
     this.mediumBase = small;
     this.mediumMask = medium - 1;
     this.largeBase = small + medium;
     this.largeMask = large - 1;
-    this.entries = new Float64Array((small + medium + large) * IotlbEntry.STRIDE);
+    this.hugeValid = 0;
     this.trackHeader = new Int32Array(spaces);
     this.trackGeneration = new Int32Array(spaces);
+    this.tracked = 0;
+    this.nFills = 0;
+    this.nFlushes = 0;
+    this.nInvalidations = 0;
+    this.nEvictions = 0;
   }
 
   /**
@@ -114,15 +130,15 @@ export class Iotlb {
     const e = this.entries;
     // The low bits of pfn pick the set (ToInt32 keeps them exactly for any pfn below 2^53), so
     // consecutive pages never collide; a multiplicative hash of the header offsets each space.
-    const i = ((pfn ^ spaceHash(header)) & this.smallMask) * IotlbEntry.STRIDE;
-    if (e[i + IotlbEntry.PFN] === pfn && e[i + IotlbEntry.HEADER] === header) {
+    const i = ((pfn ^ spaceHash(header)) & this.smallMask) * STRIDE;
+    if (e[i + E_PFN] === pfn && e[i + E_HEADER] === header) {
       this.nHits++;
-      const guest = e[i + IotlbEntry.GUEST]!;
+      const guest = e[i + E_GUEST]!;
       out.guestPfn = guest;
       out.leafPfn = pfn;
       out.leafGuestPfn = guest;
-      out.pageShift = PAGE_SHIFT;
-      out.flags = e[i + IotlbEntry.FLAGS]!;
+      out.pageShift = SHIFT_4K;
+      out.flags = e[i + E_FLAGS]!;
       return true;
     }
     if (this.hugeValid !== 0 && this.lookupHuge(header, pfn, out)) {
@@ -138,20 +154,20 @@ export class Iotlb {
     const h = spaceHash(header);
     // pfn & (PAGES - 1) keeps the exact low bits, so pfn minus it is the leaf start.
     let leaf = pfn - (pfn & (PAGES_2M - 1));
-    let i = (this.mediumBase + (((pfn / PAGES_2M) ^ h) & this.mediumMask)) * IotlbEntry.STRIDE;
+    let i = (this.mediumBase + (((pfn / PAGES_2M) ^ h) & this.mediumMask)) * STRIDE;
     let shift = SHIFT_2M;
-    if (e[i + IotlbEntry.PFN] !== leaf || e[i + IotlbEntry.HEADER] !== header) {
+    if (e[i + E_PFN] !== leaf || e[i + E_HEADER] !== header) {
       leaf = pfn - (pfn & (PAGES_1G - 1));
-      i = (this.largeBase + (((pfn / PAGES_1G) ^ h) & this.largeMask)) * IotlbEntry.STRIDE;
+      i = (this.largeBase + (((pfn / PAGES_1G) ^ h) & this.largeMask)) * STRIDE;
       shift = SHIFT_1G;
-      if (e[i + IotlbEntry.PFN] !== leaf || e[i + IotlbEntry.HEADER] !== header) return false;
+      if (e[i + E_PFN] !== leaf || e[i + E_HEADER] !== header) return false;
     }
-    const guest = e[i + IotlbEntry.GUEST]!;
+    const guest = e[i + E_GUEST]!;
     out.guestPfn = guest + (pfn - leaf);
     out.leafPfn = leaf;
     out.leafGuestPfn = guest;
     out.pageShift = shift;
-    out.flags = e[i + IotlbEntry.FLAGS]!;
+    out.flags = e[i + E_FLAGS]!;
     return true;
   }
 

@@ -63,9 +63,15 @@ export interface Span {
  * [gpa[i], gpa[i] + bytes[i]); contiguous guest pages are merged into one span.
  */
 export class SpanList {
-  count = 0;
-  gpa = new Float64Array(16);
-  bytes = new Float64Array(16);
+  declare count: number;
+  declare gpa: Float64Array;
+  declare bytes: Float64Array;
+
+  constructor(capacity = 16) {
+    this.count = 0;
+    this.gpa = new Float64Array(capacity);
+    this.bytes = new Float64Array(capacity);
+  }
 
   push(gpa: number, bytes: number): void {
     const n = this.count;
@@ -115,6 +121,17 @@ export interface TranslatorStats {
 }
 
 const U64_MAX = (1n << 64n) - 1n;
+// Plain numbers for the per-page path (no property loads on the imported tables there).
+const OK = FaultReason.NONE;
+const PAGING = TranslationKind.PAGING;
+const IDENTITY = TranslationKind.IDENTITY;
+const PAGE = PAGE_SIZE;
+const SHIFT = PAGE_SHIFT;
+const LAST_PFN = MAX_IOVA_PFN;
+const NEED_READ = EntryFlag.READ;
+const NEED_WRITE = EntryFlag.WRITE;
+const ACCESS_READS = FaultAccess.READ | FaultAccess.EXEC;
+const ACCESS_WRITES = FaultAccess.WRITE;
 /** Fault IOVAs are split at 2^32 = pfn 2^20 pages. */
 const PFNS_PER_HIGH_WORD = 2 ** (32 - PAGE_SHIFT);
 
@@ -129,38 +146,55 @@ const PFNS_PER_HIGH_WORD = 2 ** (32 - PAGE_SHIFT);
  * translation.
  */
 export class Translator {
-  readonly spans = new SpanList();
-  readonly iotlb: Iotlb;
+  // Declared here, assigned in the constructor only (see Iotlb): each field keeps the
+  // representation of its first store, which the per-DMA and per-page paths depend on.
+  declare readonly spans: SpanList;
+  declare readonly iotlb: Iotlb;
   /** The last fault: reason and IOVA (u32 halves). Valid after translate() returned a fault. */
-  faultReason: FaultReasonValue = FaultReason.NONE;
-  faultIovaLo = 0;
-  faultIovaHi = 0;
+  declare faultReason: FaultReasonValue;
+  declare faultIovaLo: number;
+  declare faultIovaHi: number;
 
-  private readonly words: Int32Array;
-  private readonly attachments: AttachmentSource;
-  private readonly quiescence: QuiescenceWorker;
-  private readonly faults: FaultProducer | undefined;
-  private readonly leaf: LeafInfo = emptyLeafInfo();
-  private readonly attachment: Attachment = { kind: TranslationKind.BLOCKED, header: 0 };
-  private depth = 0;
+  private declare readonly words: Int32Array;
+  private declare readonly leaf: LeafInfo;
+  private declare depth: number;
   /** One-entry attachment cache, valid for the current epoch only. */
-  private memoValid = false;
-  private memoDevice = 0;
-  private memoPasid = 0;
-  private memoKind = 0;
-  private memoHeader = 0;
-
-  private nTranslations = 0;
-  private nFaults = 0;
-  private nDmas = 0;
-  private nEpochChanges = 0;
+  private declare memoValid: boolean;
+  private declare memoDevice: number;
+  private declare memoPasid: number;
+  private declare memoKind: number;
+  private declare memoHeader: number;
+  private declare nTranslations: number;
+  private declare nFaults: number;
+  private declare nDmas: number;
+  private declare nEpochChanges: number;
+  private declare readonly attachments: AttachmentSource;
+  private declare readonly attachment: Attachment;
+  private declare readonly quiescence: QuiescenceWorker;
+  private declare readonly faults: FaultProducer | undefined;
 
   constructor(options: TranslatorOptions) {
+    this.spans = new SpanList();
+    this.iotlb = new Iotlb(options.iotlb);
+    this.faultReason = FaultReason.NONE;
+    this.faultIovaLo = 0;
+    this.faultIovaHi = 0;
     this.words = new Int32Array(options.pool);
+    this.leaf = emptyLeafInfo();
+    this.depth = 0;
+    this.memoValid = false;
+    this.memoDevice = 0;
+    this.memoPasid = 0;
+    this.memoKind = 0;
+    this.memoHeader = 0;
+    this.nTranslations = 0;
+    this.nFaults = 0;
+    this.nDmas = 0;
+    this.nEpochChanges = 0;
     this.attachments = options.attachments;
+    this.attachment = { kind: TranslationKind.BLOCKED, header: 0 };
     this.quiescence = options.quiescence;
     this.faults = options.faults;
-    this.iotlb = new Iotlb(options.iotlb);
   }
 
   /** Enters a DMA (nests: only the outermost one talks to the owner). */
@@ -224,15 +258,15 @@ export class Translator {
     let offset: number;
     if (typeof iova === 'number') {
       if (!(iova >= 0 && iova <= Number.MAX_SAFE_INTEGER && Number.isInteger(iova))) throw new RangeError(`bad IOVA ${iova}`);
-      pfn = Math.floor(iova / PAGE_SIZE);
-      offset = iova - pfn * PAGE_SIZE;
+      pfn = Math.floor(iova / PAGE);
+      offset = iova - pfn * PAGE;
     } else {
       if (iova < 0n || iova > U64_MAX) throw new RangeError(`IOVA ${iova} is not a 64-bit address`);
       pfn = Number(iova >> BigInt(PAGE_SHIFT));
       offset = Number(iova & BigInt(PAGE_SIZE - 1));
     }
     if (!(length >= 0 && Number.isSafeInteger(length))) throw new RangeError(`bad DMA length ${length}`);
-    if (length === 0) return FaultReason.NONE;
+    if (length === 0) return OK;
 
     if (!this.memoValid || this.memoDevice !== deviceSlot || this.memoPasid !== pasid) {
       this.attachments.resolve(deviceSlot, pasid, this.attachment);
@@ -242,14 +276,14 @@ export class Translator {
       this.memoHeader = this.attachment.header;
       this.memoValid = true;
     }
-    if (this.memoKind === TranslationKind.PAGING) {
+    if (this.memoKind === PAGING) {
       return this.translatePaging(deviceSlot, pasid, this.memoHeader, pfn, offset, length, access);
     }
-    if (this.memoKind === TranslationKind.IDENTITY) {
+    if (this.memoKind === IDENTITY) {
       // Identity: the IOVA is the GPA, which must stay a safe integer (guest memory checks the rest).
       if (pfn * PAGE_SIZE + offset + length > GPA_LIMIT) return this.fault(FaultReason.MAPPING, deviceSlot, pasid, pfn, offset, length, access);
       this.spans.push(pfn * PAGE_SIZE + offset, length);
-      return FaultReason.NONE;
+      return OK;
     }
     return this.fault(FaultReason.DOMAIN, deviceSlot, pasid, pfn, offset, length, access);
   }
@@ -263,12 +297,11 @@ export class Translator {
     length: number,
     access: number,
   ): FaultReasonValue {
-    if (pfn + Math.floor((offset + length - 1) / PAGE_SIZE) > MAX_IOVA_PFN) {
+    if (pfn + Math.floor((offset + length - 1) / PAGE) > LAST_PFN) {
       return this.fault(FaultReason.MAPPING, deviceSlot, pasid, pfn, offset, length, access);
     }
     // The table has no execute bit: an instruction fetch needs read permission.
-    const need =
-      ((access & (FaultAccess.READ | FaultAccess.EXEC)) !== 0 ? EntryFlag.READ : 0) | ((access & FaultAccess.WRITE) !== 0 ? EntryFlag.WRITE : 0);
+    const need = ((access & ACCESS_READS) !== 0 ? NEED_READ : 0) | ((access & ACCESS_WRITES) !== 0 ? NEED_WRITE : 0);
     const leaf = this.leaf;
     const iotlb = this.iotlb;
     let cur = pfn;
@@ -283,14 +316,14 @@ export class Translator {
         iotlb.insert(header, generation, leaf);
       }
       if ((leaf.flags & need) !== need) return this.fault(FaultReason.PERMISSION, deviceSlot, pasid, cur, off, length, access);
-      const leafEnd = leaf.leafPfn + (1 << (leaf.pageShift - PAGE_SHIFT));
-      const chunk = Math.min(left, (leafEnd - cur) * PAGE_SIZE - off);
-      this.spans.push(leaf.guestPfn * PAGE_SIZE + off, chunk);
+      const leafEnd = leaf.leafPfn + (1 << (leaf.pageShift - SHIFT));
+      const chunk = Math.min(left, (leafEnd - cur) * PAGE - off);
+      this.spans.push(leaf.guestPfn * PAGE + off, chunk);
       left -= chunk;
       cur = leafEnd;
       off = 0;
     }
-    return FaultReason.NONE;
+    return OK;
   }
 
   private fault(reason: FaultReasonValue, deviceSlot: number, pasid: number, pfn: number, offset: number, length: number, access: number): FaultReasonValue {
