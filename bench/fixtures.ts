@@ -1,0 +1,118 @@
+import { runInNewContext } from 'node:vm';
+import { setFlagsFromString } from 'node:v8';
+import { IommufdHost, IoasMapFlag, IommuOption, IommuOptionOp, type Context } from '../src/ioasid/index.js';
+import { GuestMemory } from '../src/memory/index.js';
+import { PAGE_SIZE, TABLE_BYTES } from '../src/pagetable/index.js';
+import { scatteredFrame, type BenchContext } from './harness.js';
+import { COPY_REGION, mappingCount } from './sizes.js';
+
+/** Guest frames the 4 KiB mappings point into (many IOVA pages share a frame, as aliases may). */
+const TARGET_FRAMES = 4096;
+/** First IOVA page of the 4 KiB mappings: 1 GiB, so 1M pages stay in a 4-level table. */
+export const MAPPINGS_BASE_PFN = 1 << 18;
+const RW = IoasMapFlag.READABLE | IoasMapFlag.WRITEABLE;
+
+/**
+ * One context whose IOAS holds `pages` live 4 KiB mappings made one ioasMap call each (as a guest
+ * driver maps pages one at a time), plus two contiguous DMA windows mapped 4 KiB-granular. The
+ * translate figures walk it; the scale figures measure what building it cost.
+ */
+export interface MappedContext {
+  readonly memory: GuestMemory;
+  readonly context: Context;
+  readonly ioas: number;
+  readonly device: number;
+  /** The device's row in the shared device table. */
+  readonly row: number;
+  readonly basePfn: number;
+  readonly pages: number;
+  readonly srcIova: number;
+  readonly dstIova: number;
+  readonly windowBytes: number;
+  /** Mean ns per 4 KiB ioasMap while building. */
+  readonly mapNs: number;
+  /** Table-pool bytes added per mapping (tables in use × 4 KiB). */
+  readonly poolBytesPerMapping: number;
+  /** Everything added per mapping: pool plus JS heap and off-heap growth after a full GC. */
+  readonly bytesPerMapping: number;
+}
+
+let gcFn: (() => void) | undefined;
+/** A full garbage collection, so heap figures hold live data only. */
+export function collectGarbage(): void {
+  if (gcFn === undefined) {
+    setFlagsFromString('--expose_gc');
+    gcFn = runInNewContext('gc') as () => void;
+  }
+  gcFn();
+  gcFn();
+}
+
+function liveBytes(): number {
+  const m = process.memoryUsage();
+  // `external` holds typed-array stores such as the pool's owner-side counters; the pool's own
+  // SharedArrayBuffer is not in it and is counted by tables in use instead.
+  return m.heapUsed + m.external;
+}
+
+export function mappedContext(ctx: BenchContext): Promise<MappedContext> {
+  return ctx.fixture('mapped-context', async () => {
+    const pages = mappingCount(ctx);
+    ctx.progress(`building an IOAS with ${pages} live 4 KiB mappings`);
+    const srcGpa = TARGET_FRAMES * PAGE_SIZE;
+    const dstGpa = srcGpa + COPY_REGION;
+    const memory = GuestMemory.create(dstGpa + COPY_REGION);
+    const host = new IommufdHost(memory, { devices: [{ name: 'dma0', group: 'g0' }] });
+    const context = host.open();
+    const ioas = context.ioasAlloc();
+    // 4 KiB leaves only: the DMA windows then cost one IOTLB entry per page, the worst case.
+    context.option({ option: IommuOption.HUGE_PAGES, op: IommuOptionOp.SET, objectId: ioas, value: 0 });
+    const device = context.deviceBind('dma0');
+    context.deviceAttach(device, ioas);
+    const row = context.deviceRow(device);
+
+    collectGarbage();
+    const tablesBefore = context.inspect().pool.tablesInUse;
+    const bytesBefore = liveBytes();
+    const flags = IoasMapFlag.FIXED_IOVA | RW;
+    const t0 = performance.now();
+    for (let i = 0; i < pages; i++) {
+      context.ioasMap(ioas, {
+        gpa: scatteredFrame(i, TARGET_FRAMES) * PAGE_SIZE,
+        length: BigInt(PAGE_SIZE),
+        iova: BigInt(MAPPINGS_BASE_PFN + i) * BigInt(PAGE_SIZE),
+        flags,
+      });
+    }
+    const mapNs = ((performance.now() - t0) * 1e6) / pages;
+    collectGarbage();
+    const sideBytes = Math.max(0, liveBytes() - bytesBefore);
+    const poolBytes = (context.inspect().pool.tablesInUse - tablesBefore) * TABLE_BYTES;
+
+    // DMA windows at 8 GiB and 9 GiB + 2 MiB, clear of the 4 KiB mappings. The 2 MiB keeps page
+    // k of the source and page k of the destination out of the same direct-mapped IOTLB set.
+    const srcIova = 8 * 2 ** 30;
+    const dstIova = 9 * 2 ** 30 + 2 ** 21;
+    context.ioasMap(ioas, { gpa: srcGpa, length: BigInt(COPY_REGION), iova: BigInt(srcIova), flags });
+    context.ioasMap(ioas, { gpa: dstGpa, length: BigInt(COPY_REGION), iova: BigInt(dstIova), flags });
+    // Commit the windows' pages (see the memcpy limit).
+    memory.fill(srcGpa, COPY_REGION, 0x5a);
+    memory.fill(dstGpa, COPY_REGION, 1);
+
+    return {
+      memory,
+      context,
+      ioas,
+      device,
+      row,
+      basePfn: MAPPINGS_BASE_PFN,
+      pages,
+      srcIova,
+      dstIova,
+      windowBytes: COPY_REGION,
+      mapNs,
+      poolBytesPerMapping: poolBytes / pages,
+      bytesPerMapping: (poolBytes + sideBytes) / pages,
+    };
+  });
+}

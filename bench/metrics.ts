@@ -1,0 +1,166 @@
+/**
+ * Every figure `npm run bench` knows: its unit, what it is compared to, and the team's targets.
+ * The smoke test reads REQUIRED_METRICS to check that every implemented row is emitted.
+ */
+
+/** A target ratio against another metric (`ref`), or an absolute bound when `ref` is absent. */
+export interface Target {
+  readonly ref?: string;
+  readonly op: '>=' | '<=';
+  /** value op factor × ref (or value op factor when there is no ref). */
+  readonly factor: number;
+}
+
+export interface MetricSpec {
+  readonly name: string;
+  readonly unit: string;
+  readonly what: string;
+  /** False while the piece it measures does not exist: the harness does not emit it yet. */
+  readonly implemented: boolean;
+  /** For rows not implemented: what they wait for. */
+  readonly needs?: string;
+  /** The limit or baseline printed beside the figure (ratio = value / reference). */
+  readonly compareTo?: string;
+  readonly targets?: readonly Target[];
+}
+
+/** The team's list. Rows with implemented: false are measured as soon as their piece lands. */
+export const REQUIRED_METRICS: readonly MetricSpec[] = [
+  { name: 'limit.atomics_rtt_ns', unit: 'ns', implemented: true, what: 'p50 round trip between two threads, Atomics.wait/notify' },
+  { name: 'limit.spin_rtt_ns', unit: 'ns', implemented: true, what: 'p50 round trip between two threads spinning on Atomics.load' },
+  { name: 'limit.memcpy_gbps', unit: 'GB/s', implemented: true, what: 'SharedArrayBuffer to SharedArrayBuffer copy of 64 KiB blocks' },
+  { name: 'limit.array_read_ns', unit: 'ns', implemented: true, what: 'random Int32Array read over the IOTLB working-set size' },
+  { name: 'limit.radix_walk_ns', unit: 'ns', implemented: true, what: 'hand-written 4-level radix walk, random over 1M 4 KiB entries' },
+  {
+    name: 'baseline.comlink_map_unmap_per_s',
+    unit: 'pairs/s',
+    implemented: true,
+    what: 'naive design: one comlink call per map and per unmap to a backend worker',
+  },
+  {
+    name: 'viommu.map_unmap_per_s',
+    unit: 'pairs/s',
+    implemented: false,
+    needs: 'the virtio-iommu device worker (DeviceModelSpec kind for the iommu model)',
+    what: '4 KiB MAP+UNMAP pairs through the request virtqueue, 64 requests per notification',
+    compareTo: 'baseline.comlink_map_unmap_per_s',
+    targets: [{ op: '>=', factor: 1_000_000 }, { ref: 'baseline.comlink_map_unmap_per_s', op: '>=', factor: 20 }],
+  },
+  {
+    name: 'viommu.request_rtt_p50_ns',
+    unit: 'ns',
+    implemented: false,
+    needs: 'the virtio-iommu device worker',
+    what: 'one MAP request, guest kick to used buffer, spinning doorbell (p50)',
+    compareTo: 'limit.spin_rtt_ns',
+    targets: [{ ref: 'limit.spin_rtt_ns', op: '<=', factor: 3 }],
+  },
+  {
+    name: 'viommu.request_rtt_p99_ns',
+    unit: 'ns',
+    implemented: false,
+    needs: 'the virtio-iommu device worker',
+    what: 'one MAP request, guest kick to used buffer, spinning doorbell (p99)',
+    compareTo: 'limit.spin_rtt_ns',
+  },
+  {
+    name: 'translate.hit_ns',
+    unit: 'ns',
+    implemented: true,
+    what: 'Translator.translate served by the IOTLB, in a device worker, inside an open DMA',
+    compareTo: 'limit.array_read_ns',
+    targets: [{ ref: 'limit.array_read_ns', op: '<=', factor: 2 }],
+  },
+  {
+    name: 'translate.miss_ns',
+    unit: 'ns',
+    implemented: true,
+    what: 'Translator.translate that misses the IOTLB: walk over 1M live 4 KiB mappings, plus the fill',
+    compareTo: 'limit.radix_walk_ns',
+    targets: [{ ref: 'limit.radix_walk_ns', op: '<=', factor: 1.3 }],
+  },
+  {
+    name: 'translate.nested_miss_ns',
+    unit: 'ns',
+    implemented: false,
+    needs: 'the x86-64 stage-1 format (src/pagetable/x86-64.ts) and nested HWPTs in the translator',
+    what: 'IOTLB miss through a guest x86-64 stage-1 over the stage-2 radix table',
+    compareTo: 'limit.radix_walk_ns',
+  },
+  {
+    name: 'dma.copy_64k_gbps',
+    unit: 'GB/s',
+    implemented: true,
+    what: 'one DMA: translate 64 KiB of source and destination (4 KiB mappings, 8 MiB windows), then copy; the DMA engine replaces this later',
+    compareTo: 'limit.memcpy_gbps',
+    targets: [{ ref: 'limit.memcpy_gbps', op: '>=', factor: 0.8 }],
+  },
+  {
+    name: 'scale.bytes_per_mapping',
+    unit: 'B',
+    implemented: true,
+    what: 'memory per live 4 KiB mapping at 1M ioasMap calls: table pool plus measured JS-side growth',
+    targets: [{ op: '<=', factor: 16 }],
+  },
+  { name: 'scale.map_1g_ns', unit: 'ns', implemented: true, what: 'ioasMap of 1 GiB, IOVA and GPA 1 GiB aligned, huge pages on' },
+  {
+    name: 'strict_unmap.rtt_ns',
+    unit: 'ns',
+    implemented: false,
+    needs: 'the virtio-iommu device worker, with device workers translating through its context',
+    what: 'UNMAP request round trip while 4 device workers DMA continuously',
+    compareTo: 'viommu.request_rtt_p50_ns',
+    targets: [{ ref: 'viommu.request_rtt_p50_ns', op: '<=', factor: 10 }],
+  },
+];
+
+/** Further figures that explain the required ones. */
+export const EXTRA_METRICS: readonly MetricSpec[] = [
+  { name: 'limit.atomics_rtt_p99_ns', unit: 'ns', implemented: true, what: 'p99 of the Atomics.wait/notify round trip' },
+  { name: 'limit.spin_rtt_p99_ns', unit: 'ns', implemented: true, what: 'p99 of the spinning round trip' },
+  { name: 'limit.timer_ns', unit: 'ns', implemented: true, what: 'cost of one performance.now() call (included once in every timed round trip)' },
+  {
+    name: 'baseline.comlink_call_ns',
+    unit: 'ns',
+    implemented: true,
+    what: 'one comlink call to the backend worker (half a map+unmap pair)',
+    compareTo: 'limit.atomics_rtt_ns',
+  },
+  {
+    name: 'translate.hit_dma_ns',
+    unit: 'ns',
+    implemented: true,
+    what: 'a one-translation DMA served by the IOTLB: beginDma + translate + endDma',
+    compareTo: 'limit.array_read_ns',
+  },
+  {
+    name: 'dma.copy_64k_hot_gbps',
+    unit: 'GB/s',
+    implemented: true,
+    what: 'the same DMA copies over 1 MiB of each window, so every translation hits the IOTLB',
+    compareTo: 'limit.memcpy_gbps',
+  },
+  { name: 'translate.walk_ns', unit: 'ns', implemented: true, what: 'walk() alone over the same 1M-mapping table', compareTo: 'limit.radix_walk_ns' },
+  {
+    name: 'scale.map_4k_ns',
+    unit: 'ns',
+    implemented: true,
+    what: 'one ioasMap of a 4 KiB page at a fixed IOVA, averaged over building the 1M-mapping IOAS',
+  },
+  { name: 'scale.unmap_1g_ns', unit: 'ns', implemented: true, what: 'ioasUnmap of the 1 GiB area mapped with huge pages' },
+  { name: 'scale.pool_bytes_per_mapping', unit: 'B', implemented: true, what: 'table pool alone (tables in use × 4 KiB) per live 4 KiB mapping' },
+  {
+    name: 'virtio.loopback_rtt_ns',
+    unit: 'ns',
+    implemented: true,
+    what: 'loopback device request over virtio-mmio in a worker, kick to used buffer, both sides spinning (p50)',
+    compareTo: 'limit.spin_rtt_ns',
+  },
+  { name: 'virtio.loopback_rtt_p99_ns', unit: 'ns', implemented: true, what: 'p99 of the loopback round trip', compareTo: 'limit.spin_rtt_ns' },
+];
+
+export const ALL_METRICS: readonly MetricSpec[] = [...REQUIRED_METRICS, ...EXTRA_METRICS];
+
+export function metricSpec(name: string): MetricSpec | undefined {
+  return ALL_METRICS.find((m) => m.name === name);
+}

@@ -1,0 +1,69 @@
+/**
+ * Shared-word layouts and start messages of the bench workers. Plain data: the groups and the
+ * workers both import this, never each other.
+ */
+import type { GuestMemoryDescriptor } from '../src/memory/index.js';
+
+/** The ping-pong block of the round-trip limits. */
+export const PingPong = {
+  /** Sequence number posted by the main thread. */
+  PING: 0,
+  /** Sequence number echoed by the worker. */
+  PONG: 1,
+  /** Nonzero: the worker leaves its loop at the next PING. */
+  STOP: 2,
+  FIELD_COUNT: 3,
+} as const;
+
+export interface PingPongStart {
+  readonly buffer: SharedArrayBuffer;
+  /** 'wait': sleep in Atomics.wait and answer with notify. 'spin': poll with Atomics.load. */
+  readonly mode: 'wait' | 'spin';
+}
+
+/** Start message of the data-plane worker (translate / DMA copy figures). */
+export interface DataPlaneStart {
+  /** The context's table pool and device table. */
+  readonly pool: SharedArrayBuffer;
+  readonly devices: SharedArrayBuffer;
+  /** Device-table row of the device this worker plays. */
+  readonly row: number;
+  readonly quiescence: SharedArrayBuffer;
+  readonly memory: GuestMemoryDescriptor;
+  /** First IOVA page of the 4 KiB mappings, and how many there are. */
+  readonly basePfn: number;
+  readonly pages: number;
+  /** DMA windows: IOVA of the source and destination, each `windowBytes` long and mapped 4 KiB. */
+  readonly srcIova: number;
+  readonly dstIova: number;
+  readonly windowBytes: number;
+  /** Seed of the random page sequence (the same one the radix limit walks). */
+  readonly seed: number;
+  readonly quick: boolean;
+}
+
+/** What the data-plane worker reports, in ns per operation or GB/s. */
+export interface DataPlaneResult {
+  readonly hitNs: number;
+  readonly hitDmaNs: number;
+  readonly missNs: number;
+  readonly walkNs: number;
+  /** 64 KiB DMAs over 8 MiB windows (IOTLB misses) and over 1 MiB of them (IOTLB hits). */
+  readonly copyGbps: number;
+  readonly copyHotGbps: number;
+  /** IOTLB misses / translations in the miss loop, to show it really missed. */
+  readonly missRate: number;
+}
+
+/** Start message of the comlink baseline backend. */
+export interface ComlinkBackendStart {
+  readonly memory: GuestMemoryDescriptor;
+}
+
+/** The naive backend API: one call per map and per unmap. */
+export interface ComlinkBackendApi {
+  /** Which backend serves the calls: the real iommufd context, or a Map stand-in. */
+  kind(): string;
+  map(iova: number, gpa: number, length: number): void;
+  unmap(iova: number, length: number): void;
+}

@@ -1,0 +1,53 @@
+import { IommufdHost, IoasMapFlag } from '../src/ioasid/index.js';
+import { GuestMemory } from '../src/memory/index.js';
+import { median, type BenchContext, type BenchGroup } from './harness.js';
+import { mappedContext } from './fixtures.js';
+
+const GIB = 2 ** 30;
+
+/** ioasMap / ioasUnmap of 1 GiB with huge pages: GPA 0 and IOVA 1 GiB, so one 1 GiB leaf serves it. */
+function map1g(ctx: BenchContext): { mapNs: number; unmapNs: number } {
+  const memory = GuestMemory.create(GIB);
+  const host = new IommufdHost(memory, { devices: [{ name: 'dma0', group: 'g0' }] });
+  const context = host.open();
+  const ioas = context.ioasAlloc();
+  const device = context.deviceBind('dma0');
+  context.deviceAttach(device, ioas);
+  const flags = IoasMapFlag.FIXED_IOVA | IoasMapFlag.READABLE | IoasMapFlag.WRITEABLE;
+  const rounds = ctx.quick ? 5 : 25;
+  const maps = new Float64Array(rounds);
+  const unmaps = new Float64Array(rounds);
+  for (let i = -2; i < rounds; i++) {
+    const t0 = performance.now();
+    context.ioasMap(ioas, { gpa: 0, length: BigInt(GIB), iova: BigInt(GIB), flags });
+    const t1 = performance.now();
+    context.ioasUnmap(ioas, BigInt(GIB), BigInt(GIB));
+    const t2 = performance.now();
+    if (i >= 0) {
+      maps[i] = (t1 - t0) * 1e6;
+      unmaps[i] = (t2 - t1) * 1e6;
+    }
+  }
+  context.close();
+  return { mapNs: median(maps), unmapNs: median(unmaps) };
+}
+
+/** Memory and time per mapping as the IOAS grows. */
+export const scale: BenchGroup = {
+  name: 'scale',
+  emits: ['scale.bytes_per_mapping', 'scale.pool_bytes_per_mapping', 'scale.map_4k_ns', 'scale.map_1g_ns', 'scale.unmap_1g_ns'],
+  async run(ctx) {
+    if (ctx.wants('scale.bytes_per_mapping') || ctx.wants('scale.pool_bytes_per_mapping') || ctx.wants('scale.map_4k_ns')) {
+      const mapped = await mappedContext(ctx);
+      ctx.record('scale.bytes_per_mapping', mapped.bytesPerMapping);
+      ctx.record('scale.pool_bytes_per_mapping', mapped.poolBytesPerMapping);
+      ctx.record('scale.map_4k_ns', mapped.mapNs);
+    }
+    if (ctx.wants('scale.map_1g_ns') || ctx.wants('scale.unmap_1g_ns')) {
+      ctx.progress('mapping 1 GiB with huge pages');
+      const { mapNs, unmapNs } = map1g(ctx);
+      ctx.record('scale.map_1g_ns', mapNs);
+      ctx.record('scale.unmap_1g_ns', unmapNs);
+    }
+  },
+};

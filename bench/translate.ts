@@ -1,0 +1,38 @@
+import { createQuiescenceBuffer } from '../src/ioasid/quiescence.js';
+import { runWorker, type BenchGroup } from './harness.js';
+import { mappedContext } from './fixtures.js';
+import { WALK_SEED } from './plain-radix.js';
+import type { DataPlaneResult, DataPlaneStart } from './protocol.js';
+
+/** Translation in a device worker over the 1M-mapping IOAS, and DMA copies through it. */
+export const translate: BenchGroup = {
+  name: 'translate',
+  emits: ['translate.hit_ns', 'translate.hit_dma_ns', 'translate.miss_ns', 'translate.walk_ns', 'dma.copy_64k_gbps', 'dma.copy_64k_hot_gbps'],
+  async run(ctx) {
+    const mapped = await mappedContext(ctx);
+    const shared = mapped.context.describeShared();
+    const start: DataPlaneStart = {
+      pool: shared.pool.buffer,
+      devices: shared.devices.buffer,
+      row: mapped.row,
+      quiescence: createQuiescenceBuffer(4),
+      memory: mapped.memory.describe(),
+      basePfn: mapped.basePfn,
+      pages: mapped.pages,
+      srcIova: mapped.srcIova,
+      dstIova: mapped.dstIova,
+      windowBytes: mapped.windowBytes,
+      seed: WALK_SEED,
+      quick: ctx.quick,
+    };
+    ctx.progress('translating in a device worker');
+    const r = await runWorker<DataPlaneResult>('dataplane', start);
+    ctx.record('translate.hit_ns', r.hitNs);
+    ctx.record('translate.hit_dma_ns', r.hitDmaNs);
+    ctx.record('translate.miss_ns', r.missNs);
+    ctx.record('translate.walk_ns', r.walkNs);
+    ctx.record('dma.copy_64k_gbps', r.copyGbps);
+    ctx.record('dma.copy_64k_hot_gbps', r.copyHotGbps);
+    ctx.env.translate_miss_rate = Number(r.missRate.toFixed(4));
+  },
+};
