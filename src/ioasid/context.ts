@@ -12,8 +12,8 @@ import {
   DeviceTable,
   PageResult,
   PasidDirectory,
+  TranslationReader,
   emptyRowValue,
-  translatePage,
   type DeviceTableDescriptor,
 } from './device-table.js';
 import { IommufdError } from './errors.js';
@@ -158,7 +158,7 @@ function targetId(t: AttachTarget): number | 'identity' {
 export class Context {
   private readonly log: Logger;
   private readonly pool: TablePool;
-  private readonly deviceTable = new DeviceTable();
+  private readonly deviceTable: DeviceTable;
   private readonly objects = new ObjectTable<AnyObject>();
   private readonly groups = new Map<string, IGroup>();
   private rlimitMode = 0;
@@ -166,6 +166,8 @@ export class Context {
   private depth = 0;
   private readonly rowScratch = emptyRowValue();
   private readonly leafScratch = emptyLeafInfo();
+  /** translate() reads through the same shared-memory path a device worker uses. */
+  private readonly reader: TranslationReader;
 
   constructor(
     private readonly host: IommufdHost,
@@ -173,6 +175,8 @@ export class Context {
   ) {
     this.log = host.log.child({ component: 'iommufd', ctx: serial });
     this.pool = new TablePool(host.poolOptions);
+    this.deviceTable = new DeviceTable(64, host.maxDeviceRows);
+    this.reader = new TranslationReader(this.describeShared());
   }
 
   // ---- plumbing ----
@@ -1117,7 +1121,7 @@ export class Context {
       let pos = start;
       let remaining = len;
       while (remaining > 0n) {
-        const r = translatePage(this.deviceTable.rows, this.pool.words, dev.row, p, pfnOf(pos), write, this.rowScratch, leaf);
+        const r = this.reader.translatePage(dev.row, p, pfnOf(pos), write, this.rowScratch, leaf);
         if (r === PageResult.DOMAIN) return { fault: { reason: 'DOMAIN', iova: pos, access, pasid: p } };
         if (r === PageResult.MAPPING) return { fault: { reason: 'MAPPING', iova: pos, access, pasid: p } };
         if (r === PageResult.PERMISSION) return { fault: { reason: 'PERMISSION', iova: pos, access, pasid: p } };

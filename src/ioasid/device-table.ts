@@ -1,6 +1,6 @@
 import { Entry, EntryFlag, LEVEL_BITS, ENTRIES_PER_TABLE, entryWord } from '../pagetable/format.js';
 import type { TablePool } from '../pagetable/pool.js';
-import { walk, type LeafInfo } from '../pagetable/walk.js';
+import { TableReader, fixedView, walk, type LeafInfo } from '../pagetable/walk.js';
 
 /**
  * The per-context device table: how a device's DMA is translated right now, in shared memory so
@@ -82,12 +82,10 @@ export function readRow(rows: Int32Array, row: number, out: RowValue): RowValue 
   }
 }
 
-/**
- * The row that translates (device row `row`, `pasid`): the row itself for PASID 0, otherwise the
- * PASID row found through the device's PASID directory in the table pool; -1 when that PASID has no
- * attachment (the DMA is blocked). Pure: shared memory only.
- */
-export function findPasidRow(rows: Int32Array, pool: Int32Array, row: number, pasid: number): number {
+/** findPasidRowWords() result when the pool view is older than the pool: refresh and retry. */
+const STALE_POOL_VIEW = -2;
+
+function findPasidRowWords(rows: Int32Array, pool: Int32Array, row: number, pasid: number): number {
   if (pasid === 0) return row;
   const base = row * DeviceRow.WORDS;
   let table = Atomics.load(rows, base + DeviceRow.PASID_ROOT);
@@ -95,11 +93,22 @@ export function findPasidRow(rows: Int32Array, pool: Int32Array, row: number, pa
   if (table === 0 || !(pasid > 0 && pasid < 2 ** (LEVEL_BITS * levels))) return -1;
   for (let level = levels - 1; level >= 0; level--) {
     const w = entryWord(table, Math.floor(pasid / 2 ** (LEVEL_BITS * level)) % ENTRIES_PER_TABLE);
+    if (w + Entry.WORDS > pool.length) return STALE_POOL_VIEW;
     const flags = Atomics.load(pool, w + Entry.FLAGS_WORD);
     if ((flags & EntryFlag.PRESENT) === 0) return -1;
     table = pool[w + Entry.FRAME_WORD]! >>> 0;
   }
   return table;
+}
+
+/**
+ * The row that translates (device row `row`, `pasid`): the row itself for PASID 0, otherwise the
+ * PASID row found through the device's PASID directory in the table pool; -1 when that PASID has no
+ * attachment (the DMA is blocked). Pure: shared memory only (length-tracking views).
+ */
+export function findPasidRow(rows: Int32Array, pool: Int32Array, row: number, pasid: number): number {
+  const r = findPasidRowWords(rows, pool, row, pasid);
+  return r === STALE_POOL_VIEW ? -1 : r;
 }
 
 /** Outcome of translating one page for a device. */
@@ -115,9 +124,26 @@ export const PageResult = {
   IDENTITY: 4,
 } as const;
 
+/** The page outcome once the row is read; `walked` is the walk's result (only looked at for PAGING). */
+function resolvePage(rowOut: RowValue, iovaPfn: number, write: boolean, leaf: LeafInfo, walked: boolean): number {
+  if (rowOut.kind === AttachKind.IDENTITY) {
+    leaf.guestPfn = iovaPfn;
+    leaf.leafPfn = iovaPfn;
+    leaf.leafGuestPfn = iovaPfn;
+    leaf.pageShift = 12;
+    leaf.flags = EntryFlag.PRESENT | EntryFlag.READ | EntryFlag.WRITE | EntryFlag.LEAF;
+    return PageResult.IDENTITY;
+  }
+  if (rowOut.kind !== AttachKind.PAGING) return PageResult.DOMAIN;
+  if (!walked) return PageResult.MAPPING;
+  if ((leaf.flags & (write ? EntryFlag.WRITE : EntryFlag.READ)) === 0) return PageResult.PERMISSION;
+  return PageResult.OK;
+}
+
 /**
  * Translates one IOVA page for (row, pasid) from shared memory alone: the reader path device
- * workers use. `write` selects the permission checked. Fills `leaf` for OK.
+ * workers use (with length-tracking views; TranslationReader does the same with faster fixed
+ * views). `write` selects the permission checked. Fills `leaf` for OK and IDENTITY.
  */
 export function translatePage(
   rows: Int32Array,
@@ -132,28 +158,61 @@ export function translatePage(
   const r = findPasidRow(rows, pool, row, pasid);
   if (r < 0) return PageResult.DOMAIN;
   readRow(rows, r, rowOut);
-  if (rowOut.kind === AttachKind.IDENTITY) {
-    leaf.guestPfn = iovaPfn;
-    leaf.leafPfn = iovaPfn;
-    leaf.leafGuestPfn = iovaPfn;
-    leaf.pageShift = 12;
-    leaf.flags = EntryFlag.PRESENT | EntryFlag.READ | EntryFlag.WRITE | EntryFlag.LEAF;
-    return PageResult.IDENTITY;
-  }
-  if (rowOut.kind !== AttachKind.PAGING) return PageResult.DOMAIN;
-  if (!walk(pool, rowOut.header, iovaPfn, leaf)) return PageResult.MAPPING;
-  if ((leaf.flags & (write ? EntryFlag.WRITE : EntryFlag.READ)) === 0) return PageResult.PERMISSION;
-  return PageResult.OK;
+  const walked = rowOut.kind === AttachKind.PAGING && walk(pool, rowOut.header, iovaPfn, leaf);
+  return resolvePage(rowOut, iovaPfn, write, leaf, walked);
 }
 
 export interface DeviceTableDescriptor {
   readonly buffer: SharedArrayBuffer;
 }
 
+/**
+ * What a device worker keeps to translate on its own: fixed-length views of the context's table
+ * pool and device table, re-mapped when a read reaches past them (after the owner grew a buffer).
+ */
+export class TranslationReader {
+  readonly tables: TableReader;
+  private readonly devices: SharedArrayBuffer;
+  private rowView: Int32Array;
+
+  constructor(shared: { readonly pool: { readonly buffer: SharedArrayBuffer }; readonly devices: DeviceTableDescriptor }) {
+    this.tables = new TableReader(shared.pool.buffer);
+    this.devices = shared.devices.buffer;
+    this.rowView = fixedView(this.devices);
+  }
+
+  private rows(row: number): Int32Array {
+    if ((row + 1) * DeviceRow.WORDS > this.rowView.length) this.rowView = fixedView(this.devices);
+    return this.rowView;
+  }
+
+  readRow(row: number, out: RowValue): RowValue {
+    return readRow(this.rows(row), row, out);
+  }
+
+  findPasidRow(row: number, pasid: number): number {
+    for (;;) {
+      const r = findPasidRowWords(this.rows(row), this.tables.words, row, pasid);
+      if (r !== STALE_POOL_VIEW) return r;
+      if (!this.tables.refresh()) return -1;
+    }
+  }
+
+  /** translatePage() through these views: a PageResult, with `leaf` filled for OK / IDENTITY. */
+  translatePage(row: number, pasid: number, iovaPfn: number, write: boolean, rowOut: RowValue, leaf: LeafInfo): number {
+    const r = this.findPasidRow(row, pasid);
+    if (r < 0) return PageResult.DOMAIN;
+    this.readRow(r, rowOut);
+    const walked = rowOut.kind === AttachKind.PAGING && this.tables.walk(rowOut.header, iovaPfn, leaf);
+    return resolvePage(rowOut, iovaPfn, write, leaf, walked);
+  }
+}
+
 /** Owner side of the device table: row allocation with deferred reuse, and row writes. */
 export class DeviceTable {
   readonly buffer: SharedArrayBuffer;
-  readonly rows: Int32Array;
+  /** Fixed-length view, replaced when the table grows (see TablePool.words). */
+  private view: Int32Array;
   private capacity: number;
   private next = 0;
   private readonly freeRows: number[] = [];
@@ -161,9 +220,14 @@ export class DeviceTable {
   private live = 0;
 
   constructor(initialRows = 64, maxRows = 1 << 16) {
+    initialRows = Math.max(1, Math.min(initialRows, maxRows));
     this.capacity = initialRows;
     this.buffer = new SharedArrayBuffer(initialRows * DeviceRow.WORDS * 4, { maxByteLength: maxRows * DeviceRow.WORDS * 4 });
-    this.rows = new Int32Array(this.buffer);
+    this.view = fixedView(this.buffer);
+  }
+
+  get rows(): Int32Array {
+    return this.view;
   }
 
   describe(): DeviceTableDescriptor {
@@ -185,6 +249,7 @@ export class DeviceTable {
         const maxRows = this.buffer.maxByteLength / (DeviceRow.WORDS * 4);
         this.capacity = Math.min(maxRows, this.capacity * 2);
         this.buffer.grow(this.capacity * DeviceRow.WORDS * 4);
+        this.view = fixedView(this.buffer);
       }
     }
     const base = row * DeviceRow.WORDS;

@@ -38,6 +38,8 @@ export interface IommufdHostOptions {
   readonly autoReclaim?: boolean;
   /** Table pool sizing of each context. */
   readonly pool?: TablePoolOptions;
+  /** Most device-table rows (bound devices plus PASID attachments) per context. Default 65536. */
+  readonly maxDeviceRows?: number;
   readonly log?: Logger;
 }
 
@@ -62,6 +64,7 @@ export class IommufdHost {
   readonly capSysResource: boolean;
   readonly autoReclaim: boolean;
   readonly poolOptions: TablePoolOptions;
+  readonly maxDeviceRows: number;
   private readonly devices = new Map<string, PhysicalDevice>();
   /** Group → the context that owns its DMA (iommu_device_claim_dma_owner) and how many of its devices it bound. */
   private readonly groupOwners = new Map<string, { ctx: Context; bound: number }>();
@@ -75,6 +78,7 @@ export class IommufdHost {
     this.capSysResource = options.capSysResource ?? true;
     this.autoReclaim = options.autoReclaim ?? true;
     this.poolOptions = options.pool ?? {};
+    this.maxDeviceRows = options.maxDeviceRows ?? 1 << 16;
     if (options.memlockLimitPages !== undefined) this.setMemlockLimit(options.memlockLimitPages);
     for (const spec of options.devices ?? []) this.addDevice(spec);
   }

@@ -25,6 +25,7 @@ export {
   DeviceRow,
   DeviceRowFlag,
   PageResult,
+  TranslationReader,
   emptyRowValue,
   findPasidRow,
   readRow,

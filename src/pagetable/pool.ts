@@ -42,8 +42,11 @@ export interface TablePoolStats {
  */
 export class TablePool {
   readonly buffer: SharedArrayBuffer;
-  /** Length-tracking view over the whole pool. */
-  readonly words: Int32Array;
+  /**
+   * Fixed-length view over the whole pool, replaced when the pool grows (Atomics on length-tracking
+   * views of growable buffers are several times slower in V8). Re-read it after ensure().
+   */
+  private view: Int32Array;
   private readonly maxTables: number;
   private capacity: number;
   /** Next table index never handed out. Index 0 is the pool info page. */
@@ -52,9 +55,14 @@ export class TablePool {
   private readonly pendingTables: number[] = [];
   private readonly freeHeaders: number[] = [];
   private readonly pendingHeaders: number[] = [];
-  /** Owner-side bookkeeping per table: entries present, and entries that are "full". */
+  /**
+   * Owner-side bookkeeping per table: entries present, entries that are "full" (a leaf, or a child
+   * with no hole), and the span [lo, hi) of present entries, so scans skip the empty ends.
+   */
   present: Uint16Array;
   full: Uint16Array;
+  lo: Uint16Array;
+  hi: Uint16Array;
   private inUse = 0;
 
   constructor(options: TablePoolOptions = {}) {
@@ -66,12 +74,19 @@ export class TablePool {
     this.maxTables = maxTables;
     this.capacity = initial;
     this.buffer = new SharedArrayBuffer(initial * TABLE_BYTES, { maxByteLength: maxTables * TABLE_BYTES });
-    this.words = new Int32Array(this.buffer);
+    this.view = new Int32Array(this.buffer, 0, this.buffer.byteLength >>> 2);
     this.present = new Uint16Array(initial);
     this.full = new Uint16Array(initial);
+    this.lo = new Uint16Array(initial);
+    this.hi = new Uint16Array(initial);
     this.words[PoolInfo.MAGIC] = POOL_MAGIC;
     this.words[PoolInfo.VERSION] = POOL_VERSION;
     Atomics.store(this.words, PoolInfo.HIGH_WATER, this.highWater);
+  }
+
+  /** The current view of the pool (see `view`): valid until the next ensure() that grows it. */
+  get words(): Int32Array {
+    return this.view;
   }
 
   describe(): TablePoolDescriptor {
@@ -98,27 +113,69 @@ export class TablePool {
   private grow(needed: number): void {
     const target = Math.min(this.maxTables, Math.max(needed, this.capacity * 2));
     this.buffer.grow(target * TABLE_BYTES);
-    const present = new Uint16Array(target);
-    present.set(this.present);
-    const full = new Uint16Array(target);
-    full.set(this.full);
-    this.present = present;
-    this.full = full;
+    this.view = new Int32Array(this.buffer, 0, this.buffer.byteLength >>> 2);
+    const widen = (old: Uint16Array) => {
+      const next = new Uint16Array(target);
+      next.set(old);
+      return next;
+    };
+    this.present = widen(this.present);
+    this.full = widen(this.full);
+    this.lo = widen(this.lo);
+    this.hi = widen(this.hi);
     this.capacity = target;
   }
 
-  /** A zeroed table. Callers ensure() first; running out here is a bug in the caller. */
+  /**
+   * A zeroed table. Callers ensure() first; alloc() never grows the buffer, so views taken after
+   * ensure() stay valid through an operation. Running out here is a bug in the caller.
+   */
   alloc(): number {
     let table = this.freeList.pop();
     if (table === undefined) {
-      if (this.highWater >= this.capacity && !this.ensure(1)) throw new Error('table pool exhausted after ensure()');
+      if (this.highWater >= this.capacity) throw new Error('table pool alloc() without ensure()');
       table = this.highWater++;
       Atomics.store(this.words, PoolInfo.HIGH_WATER, this.highWater);
     }
     this.present[table] = 0;
     this.full[table] = 0;
+    this.lo[table] = 0;
+    this.hi[table] = 0;
     this.inUse++;
     return table;
+  }
+
+  /** Records that entry `idx` of `table` became present. */
+  markSet(table: number, idx: number): void {
+    if (this.present[table]!++ === 0) {
+      this.lo[table] = idx;
+      this.hi[table] = idx + 1;
+    } else {
+      if (idx < this.lo[table]!) this.lo[table] = idx;
+      if (idx >= this.hi[table]!) this.hi[table] = idx + 1;
+    }
+  }
+
+  /** Records that entry `idx` of `table` was cleared, narrowing the present span. */
+  markClear(table: number, idx: number): void {
+    const left = --this.present[table]!;
+    if (left === 0) {
+      this.lo[table] = 0;
+      this.hi[table] = 0;
+      return;
+    }
+    const words = this.words;
+    const base = table * TABLE_WORDS;
+    if (idx === this.lo[table]) {
+      let i = idx + 1;
+      while ((words[base + i * 2]! & 1) === 0) i++;
+      this.lo[table] = i;
+    }
+    if (idx + 1 === this.hi[table]) {
+      let i = idx - 1;
+      while ((words[base + i * 2]! & 1) === 0) i--;
+      this.hi[table] = i + 1;
+    }
   }
 
   /** Frees a table once readers are quiescent (see reclaim()). */
@@ -157,6 +214,8 @@ export class TablePool {
       this.words.fill(0, table * TABLE_WORDS, (table + 1) * TABLE_WORDS);
       this.present[table] = 0;
       this.full[table] = 0;
+      this.lo[table] = 0;
+      this.hi[table] = 0;
       this.freeList.push(table);
     }
     this.pendingTables.length = 0;

@@ -44,7 +44,6 @@ export class IoPageTable {
   readonly header: number;
   private root: number;
   private levels = MIN_LEVELS;
-  private readonly words: Int32Array;
   private mapped = 0;
   private owned = 1;
   private destroyed = false;
@@ -57,12 +56,16 @@ export class IoPageTable {
     private readonly pool: TablePool,
     ownerId: number,
   ) {
-    this.words = pool.words;
     this.header = pool.allocHeader();
     this.root = pool.alloc();
     this.words[this.header + HeaderSlot.OWNER_ID] = ownerId;
     this.words[this.header + HeaderSlot.FLAGS] = HeaderFlag.LIVE;
     Atomics.store(this.words, this.header + HeaderSlot.ROOT, packRoot(this.root, this.levels));
+  }
+
+  /** The pool's current view (it changes when the pool grows, between operations). */
+  private get words(): Int32Array {
+    return this.pool.words;
   }
 
   get levelCount(): number {
@@ -125,7 +128,7 @@ export class IoPageTable {
         const w = entryWord(next, 0);
         this.words[w + FRAME] = old;
         Atomics.store(this.words, w + FLAGS, PRESENT);
-        this.pool.present[next] = 1;
+        this.pool.markSet(next, 0);
         this.pool.full[next] = this.pool.full[old] === ENTRIES_PER_TABLE ? 1 : 0;
       }
       this.root = next;
@@ -161,7 +164,7 @@ export class IoPageTable {
         if ((flags & PRESENT) !== 0) throw new Error(`map over a present entry at pfn ${childBase}`);
         words[w + FRAME] = guest;
         Atomics.store(words, w + FLAGS, cs === areaStart ? leafFlags | AREA_START : leafFlags);
-        pool.present[table]!++;
+        pool.markSet(table, idx);
         pool.full[table]!++;
         continue;
       }
@@ -178,7 +181,7 @@ export class IoPageTable {
         this.mapIn(child, level - 1, childBase, cs, ce, areaStart, areaGuest, leafFlags, hugeLevel);
         words[w + FRAME] = child;
         Atomics.store(words, w + FLAGS, PRESENT);
-        pool.present[table]!++;
+        pool.markSet(table, idx);
         if (pool.full[child] === ENTRIES_PER_TABLE) pool.full[table]!++;
       }
     }
@@ -212,9 +215,9 @@ export class IoPageTable {
     const { words, pool } = this;
     if (pool.present[table] === 0) return 0;
     const span = LEVEL_PAGES[level]!;
-    const lastIdx = Math.min(ENTRIES_PER_TABLE - 1, Math.floor((end - 1 - base) / span));
+    const lastIdx = Math.min(pool.hi[table]! - 1, Math.floor((end - 1 - base) / span));
     let removed = 0;
-    for (let idx = Math.floor((start - base) / span); idx <= lastIdx; idx++) {
+    for (let idx = Math.max(pool.lo[table]!, Math.floor((start - base) / span)); idx <= lastIdx; idx++) {
       const w = entryWord(table, idx);
       const flags = words[w + FLAGS]!;
       if ((flags & PRESENT) === 0) continue;
@@ -224,7 +227,7 @@ export class IoPageTable {
         const guest = words[w + FRAME]! >>> 0;
         Atomics.store(words, w + FLAGS, 0);
         words[w + FRAME] = 0;
-        pool.present[table]!--;
+        pool.markClear(table, idx);
         pool.full[table]!--;
         removed += span;
         onLeaf?.(guest, span);
@@ -237,7 +240,7 @@ export class IoPageTable {
       if (pool.present[child] === 0) {
         Atomics.store(words, w + FLAGS, 0);
         words[w + FRAME] = 0;
-        pool.present[table]!--;
+        pool.markClear(table, idx);
         pool.release(child);
         this.owned--;
       }
@@ -256,8 +259,8 @@ export class IoPageTable {
     const { words, pool } = this;
     if (pool.present[table] === 0) return -1;
     const span = LEVEL_PAGES[level]!;
-    const lastIdx = Math.min(ENTRIES_PER_TABLE - 1, Math.floor((last - base) / span));
-    for (let idx = Math.floor((from - base) / span); idx <= lastIdx; idx++) {
+    const lastIdx = Math.min(pool.hi[table]! - 1, Math.floor((last - base) / span));
+    for (let idx = Math.max(pool.lo[table]!, Math.floor((from - base) / span)); idx <= lastIdx; idx++) {
       const w = entryWord(table, idx);
       const flags = words[w + FLAGS]!;
       if ((flags & PRESENT) === 0) continue;
@@ -308,8 +311,8 @@ export class IoPageTable {
     const { words, pool } = this;
     if (pool.present[table] === 0) return true;
     const span = LEVEL_PAGES[level]!;
-    const lastIdx = Math.min(ENTRIES_PER_TABLE - 1, Math.floor((last - base) / span));
-    for (let idx = Math.floor((from - base) / span); idx <= lastIdx; idx++) {
+    const lastIdx = Math.min(pool.hi[table]! - 1, Math.floor((last - base) / span));
+    for (let idx = Math.max(pool.lo[table]!, Math.floor((from - base) / span)); idx <= lastIdx; idx++) {
       const w = entryWord(table, idx);
       const flags = words[w + FLAGS]!;
       if ((flags & PRESENT) === 0) continue;
@@ -335,8 +338,8 @@ export class IoPageTable {
     const { words, pool } = this;
     if (pool.present[table] === 0) return true;
     const span = LEVEL_PAGES[level]!;
-    const lowIdx = Math.max(0, Math.floor((low - base) / span));
-    for (let idx = Math.floor((from - base) / span); idx >= lowIdx; idx--) {
+    const lowIdx = Math.max(pool.lo[table]!, Math.floor((low - base) / span));
+    for (let idx = Math.min(pool.hi[table]! - 1, Math.floor((from - base) / span)); idx >= lowIdx; idx--) {
       const w = entryWord(table, idx);
       const flags = words[w + FLAGS]!;
       if ((flags & PRESENT) === 0) continue;

@@ -30,24 +30,32 @@ export function emptyLeafInfo(): LeafInfo {
   return { guestPfn: 0, leafPfn: 0, leafGuestPfn: 0, pageShift: PAGE_SHIFT, flags: 0 };
 }
 
+/** walkWords() results. */
+export const WalkResult = {
+  MISS: 0,
+  HIT: 1,
+  /** An index fell outside `words`: a fixed-length view made before the pool grew. Refresh it. */
+  STALE_VIEW: -1,
+} as const;
+
 /**
  * Walks one address space for IOVA page `iovaPfn`, reading shared memory only: `words` is an Int32Array
  * over the table pool's buffer, `header` the Int32 index of the address space's header slot. Safe
  * from any thread while the owner mutates: the root is read in one atomic load, each flags word is
  * loaded atomically before its frame word (the owner writes the frame first, then publishes flags),
  * and tables are never reused while a reader may hold them.
- *
- * Returns false for a miss (not mapped, or beyond the table's current reach).
  */
-export function walk(words: Int32Array, header: number, iovaPfn: number, out: LeafInfo): boolean {
+export function walkWords(words: Int32Array, header: number, iovaPfn: number, out: LeafInfo): number {
+  if (header + HeaderSlot.WORDS > words.length) return WalkResult.STALE_VIEW;
   const root = Atomics.load(words, header + HeaderSlot.ROOT);
   const levels = root >>> ROOT_LEVELS_SHIFT;
-  if (levels === 0 || !(iovaPfn >= 0 && iovaPfn < TABLE_PAGES[levels - 1]!)) return false;
+  if (levels === 0 || !(iovaPfn >= 0 && iovaPfn < TABLE_PAGES[levels - 1]!)) return WalkResult.MISS;
   let table = root & ROOT_INDEX_MASK;
   for (let level = levels - 1; level >= 0; level--) {
     const w = entryWord(table, entryIndex(iovaPfn, level));
+    if (w + Entry.WORDS > words.length) return WalkResult.STALE_VIEW;
     const flags = Atomics.load(words, w + Entry.FLAGS_WORD);
-    if ((flags & EntryFlag.PRESENT) === 0) return false;
+    if ((flags & EntryFlag.PRESENT) === 0) return WalkResult.MISS;
     const frame = words[w + Entry.FRAME_WORD]! >>> 0;
     if (level === 0 || (flags & EntryFlag.LEAF) !== 0) {
       const offset = iovaPfn % LEVEL_PAGES[level]!;
@@ -56,11 +64,57 @@ export function walk(words: Int32Array, header: number, iovaPfn: number, out: Le
       out.leafGuestPfn = frame;
       out.pageShift = PAGE_SHIFT + LEVEL_BITS * level;
       out.flags = flags;
-      return true;
+      return WalkResult.HIT;
     }
     table = frame;
   }
-  return false;
+  return WalkResult.MISS;
+}
+
+/**
+ * walkWords() for a view that cannot go stale (a length-tracking view, or the owner's current view).
+ * Returns false for a miss (not mapped, or beyond the table's current reach).
+ */
+export function walk(words: Int32Array, header: number, iovaPfn: number, out: LeafInfo): boolean {
+  return walkWords(words, header, iovaPfn, out) === WalkResult.HIT;
+}
+
+/** A fixed-length Int32Array over all of a (possibly growable) shared buffer as it is now. */
+export function fixedView(buffer: SharedArrayBuffer): Int32Array {
+  return new Int32Array(buffer, 0, buffer.byteLength >>> 2);
+}
+
+/**
+ * A reader's handle on a table pool from another thread. It keeps a fixed-length view (Atomics on
+ * length-tracking views of growable buffers are several times slower in V8) and re-maps it when
+ * a walk reaches past it, which only happens after the owner grew the pool.
+ */
+export class TableReader {
+  words: Int32Array;
+
+  constructor(readonly buffer: SharedArrayBuffer) {
+    this.words = fixedView(buffer);
+  }
+
+  /** Re-maps the view to the buffer's current length. False when it had not grown. */
+  refresh(): boolean {
+    if (this.buffer.byteLength >>> 2 === this.words.length) return false;
+    this.words = fixedView(this.buffer);
+    return true;
+  }
+
+  walk(header: number, iovaPfn: number, out: LeafInfo): boolean {
+    for (;;) {
+      const r = walkWords(this.words, header, iovaPfn, out);
+      if (r !== WalkResult.STALE_VIEW) return r === WalkResult.HIT;
+      if (!this.refresh()) return false;
+    }
+  }
+
+  generation(header: number): number {
+    if (header + HeaderSlot.WORDS > this.words.length) this.refresh();
+    return Atomics.load(this.words, header + HeaderSlot.GENERATION);
+  }
 }
 
 /** The generation word of an address space: changes whenever a translation is removed. */
