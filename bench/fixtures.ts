@@ -1,8 +1,11 @@
 import { runInNewContext } from 'node:vm';
 import { setFlagsFromString } from 'node:v8';
-import { IommufdHost, IoasMapFlag, IommuOption, IommuOptionOp, type Context } from '../src/ioasid/index.js';
+import { GuestAllocator } from '../guest-fixtures/driver/allocator.js';
+import { X86PageTableBuilder, memoryEntryWriter, pagesFromAllocator } from '../guest-fixtures/pagetable/x86-64-builder.js';
+import { IommufdHost, IoasMapFlag, IommuOption, IommuOptionOp, emptyRowValue, readRow, type Context } from '../src/ioasid/index.js';
 import { GuestMemory } from '../src/memory/index.js';
 import { PAGE_SIZE, TABLE_BYTES } from '../src/pagetable/index.js';
+import { X86_PAGE_4K } from '../src/pagetable/x86-64.js';
 import { scatteredFrame, type BenchContext } from './harness.js';
 import { COPY_REGION, mappingCount } from './sizes.js';
 
@@ -114,5 +117,47 @@ export function mappedContext(ctx: BenchContext): Promise<MappedContext> {
       poolBytesPerMapping: poolBytes / pages,
       bytesPerMapping: (poolBytes + sideBytes) / pages,
     };
+  });
+}
+
+/**
+ * A guest that builds its own x86-64 stage-1 table (4 KiB leaves for `pages` IOVA pages) in guest
+ * RAM, over a stage-2 IOAS that maps all of guest RAM at IOVA = GPA with huge pages, as a VMM maps
+ * a VM's memory for nesting.
+ */
+export interface NestedGuest {
+  readonly memory: GuestMemory;
+  readonly context: Context;
+  /** Header slot of the stage-2 IOAS in the context's table pool. */
+  readonly header: number;
+  readonly root: number;
+  readonly basePfn: number;
+  readonly pages: number;
+}
+
+export function nestedGuest(ctx: BenchContext): Promise<NestedGuest> {
+  return ctx.fixture('nested-guest', async () => {
+    const pages = mappingCount(ctx);
+    ctx.progress(`building a guest x86-64 stage-1 table with ${pages} 4 KiB leaves`);
+    const ram = 64 << 20;
+    const memory = GuestMemory.create(ram);
+    const host = new IommufdHost(memory, { devices: [{ name: 'dma0', group: 'g0' }] });
+    const context = host.open();
+    const ioas = context.ioasAlloc();
+    const device = context.deviceBind('dma0');
+    context.deviceAttach(device, ioas);
+    context.ioasMap(ioas, { gpa: 0, length: BigInt(ram), iova: 0n, flags: IoasMapFlag.FIXED_IOVA | RW });
+    const header = readRow(new Int32Array(context.describeShared().devices.buffer), context.deviceRow(device), emptyRowValue()).header;
+
+    // Stage-1 tables live in the upper half of guest RAM; leaves point into the first 16 MiB.
+    const builder = new X86PageTableBuilder({
+      allocator: pagesFromAllocator(new GuestAllocator(ram / 2, ram / 2)),
+      write: memoryEntryWriter(memory),
+    });
+    const permissions = { writable: true, user: false, executable: false };
+    for (let i = 0; i < pages; i++) {
+      builder.map((MAPPINGS_BASE_PFN + i) * PAGE_SIZE, scatteredFrame(i, TARGET_FRAMES) * PAGE_SIZE, X86_PAGE_4K, permissions);
+    }
+    return { memory, context, header, root: builder.root, basePfn: MAPPINGS_BASE_PFN, pages };
   });
 }

@@ -5,11 +5,11 @@ import { BenchContext, Unavailable, environment, formatTable, type BenchGroup, t
 import { limits } from './limits.js';
 import { ALL_METRICS } from './metrics.js';
 import { scale } from './scale.js';
-import { translate } from './translate.js';
+import { nested, translate } from './translate.js';
 import { virtio } from './virtio.js';
 
 /** In run order: limits first, so later groups run on a machine in the same state as theirs. */
-const GROUPS: readonly BenchGroup[] = [limits, baseline, virtio, scale, translate];
+const GROUPS: readonly BenchGroup[] = [limits, baseline, virtio, scale, translate, nested];
 
 const USAGE = 'usage: node dist/bench/main.js [--quick] [--json] [--only PREFIX[,PREFIX...]]';
 

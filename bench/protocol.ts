@@ -67,3 +67,23 @@ export interface ComlinkBackendApi {
   map(iova: number, gpa: number, length: number): void;
   unmap(iova: number, length: number): void;
 }
+
+/** Start message of the nested-walk worker. */
+export interface NestedStart {
+  readonly memory: GuestMemoryDescriptor;
+  /** Stage 2: the table pool and the header slot of the IOAS that maps guest RAM. */
+  readonly pool: SharedArrayBuffer;
+  readonly header: number;
+  /** Guest-physical address of the stage-1 PML4. */
+  readonly root: number;
+  readonly basePfn: number;
+  readonly pages: number;
+  readonly seed: number;
+  readonly quick: boolean;
+}
+
+export interface NestedResult {
+  readonly missNs: number;
+  /** Stage-2 translations per nested miss (stage-1 entries read, plus the data page). */
+  readonly reads: number;
+}

@@ -1,8 +1,8 @@
 import { createQuiescenceBuffer } from '../src/ioasid/quiescence.js';
 import { runWorker, type BenchGroup } from './harness.js';
-import { mappedContext } from './fixtures.js';
+import { mappedContext, nestedGuest } from './fixtures.js';
 import { WALK_SEED } from './plain-radix.js';
-import type { DataPlaneResult, DataPlaneStart } from './protocol.js';
+import type { DataPlaneResult, DataPlaneStart, NestedResult, NestedStart } from './protocol.js';
 
 /** Translation in a device worker over the 1M-mapping IOAS, and DMA copies through it. */
 export const translate: BenchGroup = {
@@ -34,5 +34,28 @@ export const translate: BenchGroup = {
     ctx.record('dma.copy_64k_gbps', r.copyGbps);
     ctx.record('dma.copy_64k_hot_gbps', r.copyHotGbps);
     ctx.env.translate_miss_rate = Number(r.missRate.toFixed(4));
+  },
+};
+
+/** Nested misses: the guest's x86-64 stage-1 walk over the backend's stage-2 table. */
+export const nested: BenchGroup = {
+  name: 'translate.nested',
+  emits: ['translate.nested_miss_ns'],
+  async run(ctx) {
+    const guest = await nestedGuest(ctx);
+    const start: NestedStart = {
+      memory: guest.memory.describe(),
+      pool: guest.context.describeShared().pool.buffer,
+      header: guest.header,
+      root: guest.root,
+      basePfn: guest.basePfn,
+      pages: guest.pages,
+      seed: WALK_SEED,
+      quick: ctx.quick,
+    };
+    ctx.progress('nested walks in a device worker');
+    const r = await runWorker<NestedResult>('nested', start);
+    ctx.record('translate.nested_miss_ns', r.missNs);
+    ctx.env.nested_stage2_lookups_per_miss = r.reads;
   },
 };

@@ -95,8 +95,9 @@ const after = t.stats().iotlb;
 const missRate = (after.misses - before.misses) / (after.misses - before.misses + after.hits - before.hits);
 check(t.translate(row, undefined, cold[0]!, 64, FaultAccess.READ), 'miss loop');
 
-// walk() alone, over the same pages.
-const words = new Int32Array(start.pool);
+// walk() alone, over the same pages, through a fixed-length view as a table reader keeps one (the
+// pool is complete before this worker starts, so the view cannot go stale here).
+const words = new Int32Array(start.pool, 0, start.pool.byteLength >>> 2);
 const header = readRow(new Int32Array(start.devices), row, emptyRowValue()).header;
 const leaf = emptyLeafInfo();
 const walkNs = nsPerOp(
