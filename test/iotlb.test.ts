@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { Iotlb } from '../src/ioasid/iotlb.js';
-import { EntryFlag, HeaderSlot, IoPageTable, LEVEL_PAGES, TablePool, emptyLeafInfo, walk, type LeafInfo } from '../src/pagetable/index.js';
+import { EntryFlag, HeaderSlot, IoPageTable, LEVEL_PAGES, TablePool, TableReader, emptyLeafInfo, walk, type LeafInfo } from '../src/pagetable/index.js';
 
 const RW = EntryFlag.READ | EntryFlag.WRITE;
 const PAGES_2M = LEVEL_PAGES[1]!;
@@ -128,11 +128,11 @@ describe('IOTLB invalidation', () => {
     a.unmap(10, 10);
     // Stale until told: this is why a DMA must begin after the epoch moved.
     expect(tlb.lookup(a.header, 10, out)).toBe(true);
-    expect(tlb.revalidate(pool.words)).toBe(1);
+    expect(tlb.revalidate(new TableReader(pool.buffer))).toBe(1);
     expect(tlb.lookup(a.header, 10, out)).toBe(false);
     expect(tlb.lookup(a.header, 11, out)).toBe(false);
     expect(tlb.lookup(b.header, 10, out) && out.guestPfn).toBe(200);
-    expect(tlb.revalidate(pool.words)).toBe(0);
+    expect(tlb.revalidate(new TableReader(pool.buffer))).toBe(0);
     expect(tlb.stats().invalidations).toBe(1);
   });
 
@@ -227,7 +227,7 @@ describe('IOTLB property: cached answers equal a fresh walk', () => {
         };
         for (const o of ops) {
           if (o.op === 'epoch') {
-            tlb.revalidate(pool.words);
+            tlb.revalidate(new TableReader(pool.buffer));
             continue;
           }
           const t = spaces[o.space]!;
@@ -245,7 +245,7 @@ describe('IOTLB property: cached answers equal a fresh walk', () => {
             });
             t.unmap(first, last);
             // The owner's epoch bump: every DMA after it starts with a revalidated IOTLB.
-            tlb.revalidate(pool.words);
+            tlb.revalidate(new TableReader(pool.buffer));
             // Any hit now, before a fill could hide it, must match the table.
             for (const pfn of seen[o.space]!) {
               if (tlb.lookup(t.header, pfn, got) && !(walk(pool.words, t.header, pfn, want) && got.guestPfn === want.guestPfn && got.flags === want.flags)) mismatches++;

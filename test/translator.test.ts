@@ -2,7 +2,10 @@ import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { FaultAccess, FaultConsumer, FaultProducer, FaultReason, NO_PASID, createFaultQueueBuffer, emptyFaultRecord, faultIova } from '../src/ioasid/fault-queue.js';
 import { QuiescenceOwner, QuiescenceWorker, createQuiescenceBuffer } from '../src/ioasid/quiescence.js';
-import { FixedAttachments, SpanList, TranslationKind, Translator } from '../src/ioasid/translator.js';
+import { DeviceTableAttachments, FixedAttachments, SpanList, TranslationKind, Translator } from '../src/ioasid/translator.js';
+import { IommufdHost } from '../src/ioasid/host.js';
+import { HwptAllocFlag, IoasMapFlag } from '../src/ioasid/uapi.js';
+import { GuestMemory } from '../src/memory/index.js';
 import { EntryFlag, IoPageTable, LEVEL_PAGES, PAGE_SIZE, TablePool } from '../src/pagetable/index.js';
 
 const RW = EntryFlag.READ | EntryFlag.WRITE;
@@ -269,5 +272,91 @@ describe('translator: property against a direct page walk', () => {
       ),
       { seed: 0x7a45, numRuns: 100 },
     );
+  });
+});
+
+describe('translator over a context: the shared device table', () => {
+  const FIXED_RW = IoasMapFlag.FIXED_IOVA | IoasMapFlag.READABLE | IoasMapFlag.WRITEABLE;
+
+  function context() {
+    const host = new IommufdHost(GuestMemory.create(16 * 1024 * 1024), {
+      devices: [
+        { name: 'dma0', group: 'g0', pasidBits: 8 },
+        { name: 'dma1', group: 'g1' },
+      ],
+      // Freed tables wait for quiescence, as they must once device workers walk them.
+      autoReclaim: false,
+    });
+    const ctx = host.open();
+    const quiescence = createQuiescenceBuffer(4);
+    const shared = ctx.describeShared();
+    const t = new Translator({ pool: shared.pool.buffer, attachments: new DeviceTableAttachments(shared), quiescence: QuiescenceWorker.register(quiescence) });
+    const owner = new QuiescenceOwner(quiescence);
+    /** What the owner does after each change before it completes the request. */
+    const settle = (fullFlush = false): void => {
+      expect(owner.waitQuiescent(owner.bumpEpoch({ fullFlush })).stragglers).toEqual([]);
+      ctx.reclaim();
+    };
+    return { ctx, t, settle };
+  }
+
+  it('translates what the context translates, then follows unmap, bypass, detach and replace', () => {
+    const { ctx, t, settle } = context();
+    const ioas = ctx.ioasAlloc();
+    const dev = ctx.deviceBind('dma0');
+    const row = ctx.deviceRow(dev);
+    ctx.deviceAttach(dev, ioas);
+    ctx.ioasMap(ioas, { gpa: 0x10000, length: 0x2000n, iova: 0x100000n, flags: FIXED_RW });
+    ctx.ioasMap(ioas, { gpa: 0x40000, length: 0x1000n, iova: 0x102000n, flags: IoasMapFlag.FIXED_IOVA | IoasMapFlag.READABLE });
+    settle();
+
+    expect(t.translate(row, undefined, 0x100800, 0x2000, READ)).toBe(FaultReason.NONE);
+    const reference = ctx.translate(dev, 0, 0x100800n, 0x2000, 'read');
+    expect(t.spans.toArray()).toEqual(reference.spans);
+    expect(t.translate(row, undefined, 0x102000, 8, WRITE)).toBe(FaultReason.PERMISSION);
+    expect(ctx.translate(dev, 0, 0x102000n, 8, 'write').fault?.reason).toBe('PERMISSION');
+
+    ctx.ioasUnmap(ioas, 0x100000n, 0x2000n);
+    settle();
+    expect(t.translate(row, undefined, 0x100800, 8, READ)).toBe(FaultReason.MAPPING);
+
+    ctx.deviceSetBypass(dev);
+    settle();
+    expect(t.translate(row, undefined, 0x123456, 8, WRITE)).toBe(FaultReason.NONE);
+    expect(t.spans.toArray()).toEqual([{ gpa: 0x123456, length: 8 }]);
+
+    ctx.deviceDetach(dev);
+    settle();
+    expect(t.translate(row, undefined, 0x123456, 8, WRITE)).toBe(FaultReason.DOMAIN);
+
+    const other = ctx.ioasAlloc();
+    ctx.ioasMap(other, { gpa: 0x80000, length: 0x1000n, iova: 0x100000n, flags: FIXED_RW });
+    ctx.deviceAttach(dev, ioas);
+    settle();
+    expect(t.translate(row, undefined, 0x102010, 8, READ)).toBe(FaultReason.NONE);
+    expect(t.spans.gpa[0]).toBe(0x40010);
+    // Replace: the same IOVA now resolves in the other IOAS.
+    ctx.deviceAttach(dev, other);
+    settle();
+    expect(t.translate(row, undefined, 0x100010, 8, READ)).toBe(FaultReason.NONE);
+    expect(t.spans.gpa[0]).toBe(0x80010);
+    expect(t.translate(row, undefined, 0x102010, 8, READ)).toBe(FaultReason.MAPPING);
+  });
+
+  it('resolves a PASID through the device\'s PASID directory; unattached PASIDs and devices are blocked', () => {
+    const { ctx, t, settle } = context();
+    const dev = ctx.deviceBind('dma0');
+    const row = ctx.deviceRow(dev);
+    const ioas = ctx.ioasAlloc();
+    ctx.ioasMap(ioas, { gpa: 0x20000, length: 0x1000n, iova: 0x5000n, flags: FIXED_RW });
+    const hwpt = ctx.hwptAlloc(dev, ioas, { flags: HwptAllocFlag.PASID });
+    ctx.deviceAttach(dev, hwpt, 5);
+    settle();
+    expect(t.translate(row, 5, 0x5008, 8, READ)).toBe(FaultReason.NONE);
+    expect(t.spans.gpa[0]).toBe(0x20008);
+    expect(t.translate(row, 6, 0x5008, 8, READ)).toBe(FaultReason.DOMAIN);
+    expect(t.translate(row, undefined, 0x5008, 8, READ)).toBe(FaultReason.DOMAIN);
+    const idle = ctx.deviceRow(ctx.deviceBind('dma1'));
+    expect(t.translate(idle, undefined, 0x5008, 8, READ)).toBe(FaultReason.DOMAIN);
   });
 });

@@ -1,4 +1,4 @@
-import { HeaderSlot, LEVEL_BITS, PAGE_SHIFT } from '../pagetable/format.js';
+import { LEVEL_BITS, PAGE_SHIFT } from '../pagetable/format.js';
 import type { LeafInfo } from '../pagetable/walk.js';
 
 /**
@@ -26,6 +26,11 @@ export interface IotlbOptions {
   readonly largeEntries?: number;
   /** Address spaces whose generation is tracked at once (default 8); the oldest is evicted. */
   readonly trackedSpaces?: number;
+}
+
+/** Where revalidate() reads an address space's GENERATION word (TableReader fits). */
+export interface GenerationSource {
+  generation(header: number): number;
 }
 
 export interface IotlbStats {
@@ -245,15 +250,16 @@ export class Iotlb {
   }
 
   /**
-   * Compares every tracked address space's generation in the shared pool (`words`) with the one
-   * its entries were filled under, and drops the entries of each that moved. Called when the
-   * quiescence epoch moved. Returns the number of address spaces dropped.
+   * Compares every tracked address space's current generation (read from shared memory through
+   * `source`, e.g. a TableReader) with the one its entries were filled under, and drops the
+   * entries of each that moved. Called when the quiescence epoch moved. Returns the number of
+   * address spaces dropped.
    */
-  revalidate(words: Int32Array): number {
+  revalidate(source: GenerationSource): number {
     let dropped = 0;
     for (let t = 0; t < this.tracked; ) {
       const header = this.trackHeader[t]!;
-      if (Atomics.load(words, header + HeaderSlot.GENERATION) !== this.trackGeneration[t]) {
+      if (source.generation(header) !== this.trackGeneration[t]) {
         this.dropEntries(header);
         this.untrack(t);
         dropped++;

@@ -1,6 +1,7 @@
 import { GPA_LIMIT } from '../memory/guest-memory.js';
-import { EntryFlag, HeaderSlot, MAX_IOVA_PFN, PAGE_SHIFT, PAGE_SIZE } from '../pagetable/format.js';
-import { emptyLeafInfo, walk, type LeafInfo } from '../pagetable/walk.js';
+import { EntryFlag, MAX_IOVA_PFN, PAGE_SHIFT, PAGE_SIZE } from '../pagetable/format.js';
+import { TableReader, emptyLeafInfo, type LeafInfo } from '../pagetable/walk.js';
+import { AttachKind, TranslationReader, emptyRowValue, type DeviceTableDescriptor } from './device-table.js';
 import { FaultAccess, FaultReason, NO_PASID, type FaultProducer, type FaultReasonValue } from './fault-queue.js';
 import { Iotlb, type IotlbOptions, type IotlbStats } from './iotlb.js';
 import { EpochChange, type EpochChangeValue, type QuiescenceWorker } from './quiescence.js';
@@ -49,6 +50,34 @@ export class FixedAttachments implements AttachmentSource {
     const a = this.table.get(FixedAttachments.key(deviceSlot, pasid));
     out.kind = a?.kind ?? TranslationKind.BLOCKED;
     out.header = a?.header ?? 0;
+  }
+}
+
+/**
+ * Attachments read from a context's shared device table (Context.describeShared()), as a device
+ * worker finds them: the device's row for a DMA without PASID, the PASID's row through the
+ * device's PASID directory otherwise. Nested attachments are not translated yet: they block.
+ */
+export class DeviceTableAttachments implements AttachmentSource {
+  private readonly reader: TranslationReader;
+  private readonly row = emptyRowValue();
+
+  constructor(shared: { readonly pool: { readonly buffer: SharedArrayBuffer }; readonly devices: DeviceTableDescriptor }) {
+    this.reader = new TranslationReader(shared);
+  }
+
+  resolve(deviceSlot: number, pasid: number, out: Attachment): void {
+    // The device table keeps the RID translation as PASID 0.
+    const r = this.reader.findPasidRow(deviceSlot, pasid === NO_PASID ? 0 : pasid);
+    if (r < 0) {
+      out.kind = TranslationKind.BLOCKED;
+      out.header = 0;
+      return;
+    }
+    this.reader.readRow(r, this.row);
+    const kind = this.row.kind;
+    out.kind = kind === AttachKind.PAGING ? TranslationKind.PAGING : kind === AttachKind.IDENTITY ? TranslationKind.IDENTITY : TranslationKind.BLOCKED;
+    out.header = kind === AttachKind.PAGING ? this.row.header : 0;
   }
 }
 
@@ -155,7 +184,7 @@ export class Translator {
   declare faultIovaLo: number;
   declare faultIovaHi: number;
 
-  private declare readonly words: Int32Array;
+  private declare readonly tables: TableReader;
   private declare readonly leaf: LeafInfo;
   private declare depth: number;
   /** One-entry attachment cache, valid for the current epoch only. */
@@ -179,7 +208,7 @@ export class Translator {
     this.faultReason = FaultReason.NONE;
     this.faultIovaLo = 0;
     this.faultIovaHi = 0;
-    this.words = new Int32Array(options.pool);
+    this.tables = new TableReader(options.pool);
     this.leaf = emptyLeafInfo();
     this.depth = 0;
     this.memoValid = false;
@@ -230,7 +259,7 @@ export class Translator {
     // Attachments have no generation of their own: any epoch may have changed one.
     this.memoValid = false;
     if (change === EpochChange.FLUSH) this.iotlb.flush();
-    else this.iotlb.revalidate(this.words);
+    else this.iotlb.revalidate(this.tables);
   }
 
   /**
@@ -311,8 +340,8 @@ export class Translator {
       if (!iotlb.lookup(header, cur, leaf)) {
         // The generation is read before the walk: if an unmap lands during the walk, the entry is
         // filed under the old generation and dropped at the next revalidation.
-        const generation = Atomics.load(this.words, header + HeaderSlot.GENERATION);
-        if (!walk(this.words, header, cur, leaf)) return this.fault(FaultReason.MAPPING, deviceSlot, pasid, cur, off, length, access);
+        const generation = this.tables.generation(header);
+        if (!this.tables.walk(header, cur, leaf)) return this.fault(FaultReason.MAPPING, deviceSlot, pasid, cur, off, length, access);
         iotlb.insert(header, generation, leaf);
       }
       if ((leaf.flags & need) !== need) return this.fault(FaultReason.PERMISSION, deviceSlot, pasid, cur, off, length, access);
