@@ -1148,6 +1148,12 @@ export class Context {
     });
   }
 
+  /** Cheap counters (no walk of the tables): objects, table memory, device-table rows. */
+  stats(): { objects: number; tablesInUse: number; pendingFree: number; poolBytes: number; deviceRows: number } {
+    const pool = this.pool.stats();
+    return { objects: this.objects.size, tablesInUse: pool.tablesInUse, pendingFree: pool.pendingFree, poolBytes: pool.bytes, deviceRows: this.deviceTable.liveRows };
+  }
+
   /** A canonical plain-data snapshot of every object, area, range, attachment, pin and table count. */
   inspect(): ContextSnapshot {
     const list = this.objects.list();

@@ -286,7 +286,16 @@ export class IoPageTable {
     const { words, pool } = this;
     const span = LEVEL_PAGES[level]!;
     const lastIdx = Math.min(ENTRIES_PER_TABLE - 1, Math.floor((last - base) / span));
-    for (let idx = Math.floor((from - base) / span); idx <= lastIdx; idx++) {
+    const fromIdx = Math.floor((from - base) / span);
+    const lo = pool.lo[table]!;
+    const hi = pool.hi[table]!;
+    if (pool.full[table] === hi - lo) {
+      // Every entry of [lo, hi) is a leaf or a full subtree and nothing lies outside it (the usual
+      // shape after contiguous maps): the first hole is `from` itself, or the entry at `hi`.
+      const idx = fromIdx < lo || fromIdx >= hi ? fromIdx : hi;
+      return idx > lastIdx ? -1 : Math.max(from, base + idx * span);
+    }
+    for (let idx = fromIdx; idx <= lastIdx; idx++) {
       const w = entryWord(table, idx);
       const flags = words[w + FLAGS]!;
       const childBase = base + idx * span;
