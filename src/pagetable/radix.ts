@@ -418,6 +418,7 @@ export class IoPageTable {
     if (this.destroyed) return;
     this.destroyed = true;
     Atomics.store(this.words, this.header + HeaderSlot.ROOT, 0);
+    Atomics.add(this.words, this.header + HeaderSlot.GENERATION, 1);
     this.words[this.header + HeaderSlot.FLAGS] = 0;
     this.releaseTree(this.root, this.levels - 1);
     this.pool.releaseHeader(this.header);
