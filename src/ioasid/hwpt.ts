@@ -1,5 +1,6 @@
 import type { ContextObject } from './objects.js';
 import type { Ioas } from './ioas.js';
+import { HwptAllocFlag } from './uapi.js';
 
 /**
  * A paging HWPT (IOMMUFD_OBJ_HWPT_PAGING): an attachable page table built from an IOAS. Every paging
@@ -25,7 +26,11 @@ export class HwptPaging implements ContextObject {
   ) {}
 
   get flags(): number {
-    return (this.nestParent ? 1 : 0) | (this.dirtyTracking ? 2 : 0) | (this.pasidCompat ? 8 : 0);
+    return (
+      (this.nestParent ? HwptAllocFlag.NEST_PARENT : 0) |
+      (this.dirtyTracking ? HwptAllocFlag.DIRTY_TRACKING : 0) |
+      (this.pasidCompat ? HwptAllocFlag.PASID : 0)
+    );
   }
 }
 

@@ -1,4 +1,6 @@
 import {
+  Entry,
+  EntryFlag,
   HEADER_SLOTS_PER_PAGE,
   HeaderSlot,
   POOL_MAGIC,
@@ -165,15 +167,15 @@ export class TablePool {
       return;
     }
     const words = this.words;
-    const base = table * TABLE_WORDS;
+    const base = table * TABLE_WORDS + Entry.FLAGS_WORD;
     if (idx === this.lo[table]) {
       let i = idx + 1;
-      while ((words[base + i * 2]! & 1) === 0) i++;
+      while ((words[base + i * Entry.WORDS]! & EntryFlag.PRESENT) === 0) i++;
       this.lo[table] = i;
     }
     if (idx + 1 === this.hi[table]) {
       let i = idx - 1;
-      while ((words[base + i * 2]! & 1) === 0) i--;
+      while ((words[base + i * Entry.WORDS]! & EntryFlag.PRESENT) === 0) i--;
       this.hi[table] = i + 1;
     }
   }

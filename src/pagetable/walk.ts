@@ -46,6 +46,16 @@ export const WalkResult = {
  * and tables are never reused while a reader may hold them.
  */
 export function walkWords(words: Int32Array, header: number, iovaPfn: number, out: LeafInfo): number {
+  for (;;) {
+    const r = walkOnce(words, header, iovaPfn, out);
+    if (r !== RETRY) return r;
+  }
+}
+
+/** walkOnce(): the leaf changed under the reader; walk again. */
+const RETRY = -2;
+
+function walkOnce(words: Int32Array, header: number, iovaPfn: number, out: LeafInfo): number {
   if (header + HeaderSlot.WORDS > words.length) return WalkResult.STALE_VIEW;
   const root = Atomics.load(words, header + HeaderSlot.ROOT);
   const levels = root >>> ROOT_LEVELS_SHIFT;
@@ -58,6 +68,9 @@ export function walkWords(words: Int32Array, header: number, iovaPfn: number, ou
     if ((flags & EntryFlag.PRESENT) === 0) return WalkResult.MISS;
     const frame = words[w + Entry.FRAME_WORD]! >>> 0;
     if (level === 0 || (flags & EntryFlag.LEAF) !== 0) {
+      // The leaf may have been unmapped (and remapped) between the two reads: only a frame read
+      // between two equal flag loads pairs the right permissions with the right guest page.
+      if (Atomics.load(words, w + Entry.FLAGS_WORD) !== flags) return RETRY;
       const offset = iovaPfn % LEVEL_PAGES[level]!;
       out.guestPfn = frame + offset;
       out.leafPfn = iovaPfn - offset;
@@ -66,6 +79,8 @@ export function walkWords(words: Int32Array, header: number, iovaPfn: number, ou
       out.flags = flags;
       return WalkResult.HIT;
     }
+    // A table pointer needs no second look: a table is never reused before reclaim(), so the
+    // table read here, stale or not, is intact.
     table = frame;
   }
   return WalkResult.MISS;
