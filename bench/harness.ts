@@ -1,5 +1,5 @@
 import { once } from 'node:events';
-import { cpus } from 'node:os';
+import { cpus, loadavg } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { ALL_METRICS, metricSpec, type MetricSpec, type Target } from './metrics.js';
 
@@ -124,6 +124,29 @@ export function nsPerOp(loop: (n: number) => number, options: LoopOptions): numb
   return median(samples);
 }
 
+export interface TimedLoop {
+  /** Runs n iterations; returns a value that depends on them. */
+  readonly loop: (n: number) => number;
+  readonly iterations: number;
+}
+
+/**
+ * Median ns per iteration of several loops sampled in turn (A, B, A, B, ...), so a figure and the
+ * limit it is compared to see the same machine: on a shared host, load changes within seconds.
+ */
+export function interleaved(cases: readonly TimedLoop[], samples: number, warmup: number): number[] {
+  for (let w = 0; w < warmup; w++) for (const c of cases) consume(c.loop(c.iterations));
+  const series = cases.map(() => new Float64Array(samples));
+  for (let s = 0; s < samples; s++) {
+    cases.forEach((c, k) => {
+      const t0 = performance.now();
+      consume(c.loop(c.iterations));
+      series[k]![s] = ((performance.now() - t0) * 1e6) / c.iterations;
+    });
+  }
+  return series.map((x) => median(x));
+}
+
 /** Cost of one performance.now() call, in ns. */
 export function timerCost(): number {
   return nsPerOp(
@@ -192,6 +215,8 @@ export function environment(options: BenchOptions): Record<string, unknown> {
     cores: list.length,
     date: new Date().toISOString(),
     quick: options.quick,
+    // Other work on a shared host shows here; read every figure with it.
+    loadavg_1m: Number(loadavg()[0]!.toFixed(2)),
   };
 }
 

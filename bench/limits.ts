@@ -1,12 +1,6 @@
 import type { Worker } from 'node:worker_threads';
-import { IotlbEntry } from '../src/ioasid/iotlb.js';
-import { BenchContext, nsPerOp, quantile, scatteredFrame, startWorker, timerCost, type BenchGroup } from './harness.js';
-import { PlainRadix, SEQUENCE_LENGTH, WALK_SEED, plainWalk, randomPages } from './plain-radix.js';
+import { BenchContext, quantile, startWorker, timerCost, type BenchGroup } from './harness.js';
 import { PingPong, type PingPongStart } from './protocol.js';
-import { COPY_BLOCK, COPY_REGION, mappingCount } from './sizes.js';
-
-/** Bytes of the default IOTLB's entry array: 1024 + 64 + 16 entries of four float64 words. */
-export const IOTLB_BYTES = (1024 + 64 + 16) * IotlbEntry.STRIDE * Float64Array.BYTES_PER_ELEMENT;
 
 /** How long a round trip may take before the other thread is considered gone. */
 const STUCK_MS = 5000;
@@ -62,59 +56,10 @@ async function roundTrips(ctx: BenchContext, mode: 'wait' | 'spin'): Promise<Flo
   }
 }
 
-function memcpyGbps(ctx: BenchContext): number {
-  const src = new Uint8Array(new SharedArrayBuffer(COPY_REGION));
-  const dst = new Uint8Array(new SharedArrayBuffer(COPY_REGION));
-  // Touch every page: untouched pages all read as the one shared zero page and would flatter the copy.
-  for (let i = 0; i < src.length; i += 4096) src[i] = i >>> 12;
-  dst.fill(1);
-  const blocks = COPY_REGION / COPY_BLOCK;
-  const ns = nsPerOp(
-    (n) => {
-      for (let i = 0; i < n; i++) {
-        const at = (i % blocks) * COPY_BLOCK;
-        dst.set(src.subarray(at, at + COPY_BLOCK), at);
-      }
-      return dst[n & (COPY_REGION - 1)]!;
-    },
-    { iterations: ctx.quick ? 500 : 2000, samples: ctx.quick ? 5 : 15, warmup: 2 },
-  );
-  return COPY_BLOCK / ns;
-}
-
-function arrayReadNs(ctx: BenchContext): number {
-  const data = new Int32Array(IOTLB_BYTES / Int32Array.BYTES_PER_ELEMENT);
-  for (let i = 0; i < data.length; i++) data[i] = i * 7;
-  const index = randomPages(0xa11a, data.length);
-  const mask = SEQUENCE_LENGTH - 1;
-  return nsPerOp(
-    (n) => {
-      let acc = 0;
-      for (let i = 0; i < n; i++) acc = (acc + data[index[i & mask]!]!) | 0;
-      return acc;
-    },
-    { iterations: ctx.quick ? 1 << 20 : 1 << 22, samples: ctx.quick ? 5 : 11, warmup: 2 },
-  );
-}
-
-function radixWalkNs(ctx: BenchContext): number {
-  const pages = mappingCount(ctx);
-  const table = new PlainRadix(pages);
-  for (let pfn = 0; pfn < pages; pfn++) table.insert(pfn, scatteredFrame(pfn, 4096));
-  const pfns = randomPages(WALK_SEED, pages);
-  const mask = SEQUENCE_LENGTH - 1;
-  const { words, root } = table;
-  return nsPerOp(
-    (n) => {
-      let acc = 0;
-      for (let i = 0; i < n; i++) acc = (acc + plainWalk(words, root, pfns[i & mask]!)) | 0;
-      return acc;
-    },
-    { iterations: ctx.quick ? 1 << 18 : 1 << 20, samples: ctx.quick ? 5 : 11, warmup: 2 },
-  );
-}
-
-/** What the hardware and the runtime allow at best: every other figure is read against these. */
+/**
+ * What the runtime allows at best between two threads. The single-thread limits (memcpy, array
+ * read, radix walk) are sampled by the data-plane worker in turn with the figures they bound.
+ */
 export const limits: BenchGroup = {
   name: 'limit',
   emits: [
@@ -123,9 +68,6 @@ export const limits: BenchGroup = {
     'limit.atomics_rtt_p99_ns',
     'limit.spin_rtt_ns',
     'limit.spin_rtt_p99_ns',
-    'limit.memcpy_gbps',
-    'limit.array_read_ns',
-    'limit.radix_walk_ns',
   ],
   async run(ctx) {
     ctx.record('limit.timer_ns', timerCost());
@@ -140,15 +82,6 @@ export const limits: BenchGroup = {
       const spin = await roundTrips(ctx, 'spin');
       ctx.record('limit.spin_rtt_ns', quantile(spin, 0.5));
       ctx.record('limit.spin_rtt_p99_ns', quantile(spin, 0.99));
-    }
-    if (ctx.wants('limit.memcpy_gbps')) {
-      ctx.progress('memcpy');
-      ctx.record('limit.memcpy_gbps', memcpyGbps(ctx));
-    }
-    if (ctx.wants('limit.array_read_ns')) ctx.record('limit.array_read_ns', arrayReadNs(ctx));
-    if (ctx.wants('limit.radix_walk_ns')) {
-      ctx.progress('plain radix walk');
-      ctx.record('limit.radix_walk_ns', radixWalkNs(ctx));
     }
   },
 };

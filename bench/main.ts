@@ -1,5 +1,6 @@
 // npm run bench [-- --quick] [-- --json] [-- --only PREFIX[,PREFIX]]: every figure of the project
 // beside the physical limit or the naive baseline it is read against. See BENCHMARKS.md.
+import { loadavg } from 'node:os';
 import { baseline } from './baseline.js';
 import { BenchContext, Unavailable, environment, formatTable, type BenchGroup, type BenchOptions } from './harness.js';
 import { limits } from './limits.js';
@@ -61,6 +62,7 @@ async function main(): Promise<number> {
     }
   }
   ctx.env.seconds = Number(((performance.now() - started) / 1000).toFixed(1));
+  ctx.env.loadavg_1m_end = Number(loadavg()[0]!.toFixed(2));
   if (ctx.notes.length > 0) ctx.env.notes = ctx.notes;
 
   if (options.json) {
@@ -73,7 +75,10 @@ async function main(): Promise<number> {
     process.stdout.write(`${JSON.stringify({ metrics, env: ctx.env }, null, 2)}\n`);
   } else {
     const e = ctx.env;
-    process.stdout.write(`node ${String(e.node)} on ${String(e.cpu)}, ${String(e.cores)} cores, ${options.quick ? 'quick' : 'full'} run, ${String(e.seconds)} s\n\n`);
+    process.stdout.write(
+      `node ${String(e.node)} on ${String(e.cpu)}, ${String(e.cores)} cores, ${options.quick ? 'quick' : 'full'} run, ${String(e.seconds)} s, ` +
+        `load average ${String(e.loadavg_1m)} → ${String(e.loadavg_1m_end)}\n\n`,
+    );
     process.stdout.write(`${formatTable(ctx)}\n`);
     if (ctx.notes.length > 0) process.stdout.write('\n');
     for (const note of ctx.notes) process.stdout.write(`note: ${note}\n`);

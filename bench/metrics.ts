@@ -139,7 +139,7 @@ export const EXTRA_METRICS: readonly MetricSpec[] = [
     what: 'the same DMA copies over 1 MiB of each window, so every translation hits the IOTLB',
     compareTo: 'limit.memcpy_gbps',
   },
-  { name: 'translate.walk_ns', unit: 'ns', implemented: true, what: 'walk() alone over the same 1M-mapping table, through a fixed-length view of the pool', compareTo: 'limit.radix_walk_ns' },
+  { name: 'translate.walk_ns', unit: 'ns', implemented: true, what: 'the table walk alone (TableReader.walk) over the same 1M-mapping table and pages', compareTo: 'limit.radix_walk_ns' },
   {
     name: 'scale.map_4k_ns',
     unit: 'ns',

@@ -44,6 +44,10 @@ export interface DataPlaneStart {
 
 /** What the data-plane worker reports, in ns per operation or GB/s. */
 export interface DataPlaneResult {
+  /** The single-thread limits, sampled in turn with the figures below. */
+  readonly arrayReadNs: number;
+  readonly radixWalkNs: number;
+  readonly memcpyGbps: number;
   readonly hitNs: number;
   readonly hitDmaNs: number;
   readonly missNs: number;

@@ -4,10 +4,17 @@ import { mappedContext, nestedGuest } from './fixtures.js';
 import { WALK_SEED } from './plain-radix.js';
 import type { DataPlaneResult, DataPlaneStart, NestedResult, NestedStart } from './protocol.js';
 
-/** Translation in a device worker over the 1M-mapping IOAS, and DMA copies through it. */
+/**
+ * Translation in a device worker over the 1M-mapping IOAS and DMA copies through it, with the
+ * single-thread limits they are read against sampled in turn in the same worker.
+ */
 export const translate: BenchGroup = {
   name: 'translate',
-  emits: ['translate.hit_ns', 'translate.hit_dma_ns', 'translate.miss_ns', 'translate.walk_ns', 'dma.copy_64k_gbps', 'dma.copy_64k_hot_gbps'],
+  emits: [
+    'limit.array_read_ns',
+    'limit.radix_walk_ns',
+    'limit.memcpy_gbps',
+    'translate.hit_ns', 'translate.hit_dma_ns', 'translate.miss_ns', 'translate.walk_ns', 'dma.copy_64k_gbps', 'dma.copy_64k_hot_gbps'],
   async run(ctx) {
     const mapped = await mappedContext(ctx);
     const shared = mapped.context.describeShared();
@@ -27,6 +34,9 @@ export const translate: BenchGroup = {
     };
     ctx.progress('translating in a device worker');
     const r = await runWorker<DataPlaneResult>('dataplane', start);
+    ctx.record('limit.array_read_ns', r.arrayReadNs);
+    ctx.record('limit.radix_walk_ns', r.radixWalkNs);
+    ctx.record('limit.memcpy_gbps', r.memcpyGbps);
     ctx.record('translate.hit_ns', r.hitNs);
     ctx.record('translate.hit_dma_ns', r.hitDmaNs);
     ctx.record('translate.miss_ns', r.missNs);
