@@ -161,6 +161,7 @@ const NEED_READ = EntryFlag.READ;
 const NEED_WRITE = EntryFlag.WRITE;
 const ACCESS_READS = FaultAccess.READ | FaultAccess.EXEC;
 const ACCESS_WRITES = FaultAccess.WRITE;
+const NONE_PASID = NO_PASID;
 /** Fault IOVAs are split at 2^32 = pfn 2^20 pages. */
 const PFNS_PER_HIGH_WORD = 2 ** (32 - PAGE_SHIFT);
 
@@ -271,10 +272,15 @@ export class Translator {
    * fractional, beyond 64 bits).
    */
   translate(deviceSlot: number, pasid: number | undefined, iova: number | bigint, length: number, access: number): FaultReasonValue {
-    if (this.depth !== 0) return this.translateIn(deviceSlot, pasid ?? NO_PASID, iova, length, access);
+    if (this.depth !== 0) return this.translateIn(deviceSlot, pasid === undefined ? NONE_PASID : pasid, iova, length, access);
+    return this.translateAlone(deviceSlot, pasid === undefined ? NONE_PASID : pasid, iova, length, access);
+  }
+
+  /** A translation outside any DMA is a DMA of its own. */
+  private translateAlone(deviceSlot: number, pasid: number, iova: number | bigint, length: number, access: number): FaultReasonValue {
     this.beginDma();
     try {
-      return this.translateIn(deviceSlot, pasid ?? NO_PASID, iova, length, access);
+      return this.translateIn(deviceSlot, pasid, iova, length, access);
     } finally {
       this.endDma();
     }
@@ -306,7 +312,20 @@ export class Translator {
       this.memoValid = true;
     }
     if (this.memoKind === PAGING) {
-      return this.translatePaging(deviceSlot, pasid, this.memoHeader, pfn, offset, length, access);
+      if (offset + length > PAGE) return this.translatePaging(deviceSlot, pasid, this.memoHeader, pfn, offset, length, access);
+      // The common case on its own: one page, one span, written directly.
+      const leaf = this.leaf;
+      const header = this.memoHeader;
+      if (!this.iotlb.lookup(header, pfn, leaf) && !this.fill(header, pfn, leaf)) {
+        return this.fault(FaultReason.MAPPING, deviceSlot, pasid, pfn, offset, length, access);
+      }
+      const need = ((access & ACCESS_READS) !== 0 ? NEED_READ : 0) | ((access & ACCESS_WRITES) !== 0 ? NEED_WRITE : 0);
+      if ((leaf.flags & need) !== need) return this.fault(FaultReason.PERMISSION, deviceSlot, pasid, pfn, offset, length, access);
+      const spans = this.spans;
+      spans.gpa[0] = leaf.guestPfn * PAGE + offset;
+      spans.bytes[0] = length;
+      spans.count = 1;
+      return OK;
     }
     if (this.memoKind === IDENTITY) {
       // Identity: the IOVA is the GPA, which must stay a safe integer (guest memory checks the rest).
@@ -337,12 +356,8 @@ export class Translator {
     let off = offset;
     let left = length;
     while (left > 0) {
-      if (!iotlb.lookup(header, cur, leaf)) {
-        // The generation is read before the walk: if an unmap lands during the walk, the entry is
-        // filed under the old generation and dropped at the next revalidation.
-        const generation = this.tables.generation(header);
-        if (!this.tables.walk(header, cur, leaf)) return this.fault(FaultReason.MAPPING, deviceSlot, pasid, cur, off, length, access);
-        iotlb.insert(header, generation, leaf);
+      if (!iotlb.lookup(header, cur, leaf) && !this.fill(header, cur, leaf)) {
+        return this.fault(FaultReason.MAPPING, deviceSlot, pasid, cur, off, length, access);
       }
       if ((leaf.flags & need) !== need) return this.fault(FaultReason.PERMISSION, deviceSlot, pasid, cur, off, length, access);
       const leafEnd = leaf.leafPfn + (1 << (leaf.pageShift - SHIFT));
@@ -353,6 +368,16 @@ export class Translator {
       off = 0;
     }
     return OK;
+  }
+
+  /** An IOTLB miss: walks the table and caches the leaf. False when nothing is mapped there. */
+  private fill(header: number, pfn: number, leaf: LeafInfo): boolean {
+    // The generation is read before the walk: if an unmap lands during the walk, the entry is
+    // filed under the old generation and dropped at the next revalidation.
+    const generation = this.tables.generation(header);
+    if (!this.tables.walk(header, pfn, leaf)) return false;
+    this.iotlb.insert(header, generation, leaf);
+    return true;
   }
 
   private fault(reason: FaultReasonValue, deviceSlot: number, pasid: number, pfn: number, offset: number, length: number, access: number): FaultReasonValue {
