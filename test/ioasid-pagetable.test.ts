@@ -304,3 +304,89 @@ describe('radix page table: model property', () => {
     );
   });
 });
+
+describe('radix page table: a reader in another thread', () => {
+  it('sees only whole mappings (a frame with its own permissions) while the owner remaps and grows the pool', async () => {
+    const { Worker } = await import('node:worker_threads');
+    // The reader is written from the format in docs/backend.md alone: it imports nothing.
+    const source = `
+      const { workerData, parentPort } = require('node:worker_threads');
+      const { buffer, header, control, pages, bases } = workerData;
+      const ctl = new Int32Array(control);
+      let words = new Int32Array(buffer, 0, buffer.byteLength >> 2);
+      const refresh = () => { words = new Int32Array(buffer, 0, buffer.byteLength >> 2); };
+      function walk(pfn) {
+        for (;;) {
+          if (header + 4 > words.length) { refresh(); continue; }
+          const root = Atomics.load(words, header);
+          const levels = root >>> 28;
+          let table = root & 0x0fffffff;
+          let result = null, again = false;
+          for (let level = levels - 1; level >= 0; level--) {
+            const w = table * 1024 + (Math.floor(pfn / 512 ** level) % 512) * 2;
+            if (w + 2 > words.length) { refresh(); again = true; break; }
+            const flags = Atomics.load(words, w);
+            if ((flags & 1) === 0) break;
+            const frame = words[w + 1] >>> 0;
+            if (level === 0 || (flags & 8) !== 0) {
+              if (Atomics.load(words, w) !== flags) { again = true; break; }
+              result = [frame + (pfn % 512 ** level), flags];
+              break;
+            }
+            table = frame;
+          }
+          if (!again) return result;
+        }
+      }
+      Atomics.store(ctl, 3, 1);
+      let walks = 0, violations = 0, hits = 0;
+      while (Atomics.load(ctl, 0) === 0) {
+        const pfn = (walks * 7919) % pages;
+        const hit = walk(pfn);
+        walks++;
+        if (hit !== null) {
+          hits++;
+          const base = hit[0] - pfn;
+          const k = bases.indexOf(base);
+          // Mapping k grants WRITE exactly when k is odd.
+          if (k < 0 || ((hit[1] & 4) !== 0) !== (k % 2 === 1)) violations++;
+        }
+        if ((walks & 1023) === 0) Atomics.store(ctl, 1, walks);
+      }
+      let finalMisses = 0;
+      for (let pfn = 0; pfn < pages; pfn++) if (walk(pfn) === null) finalMisses++;
+      parentPort.postMessage({ walks, hits, violations, finalMisses });
+    `;
+    const pool = new TablePool({ initialTables: 4, maxTables: 4096 });
+    expect(pool.ensure(IoPageTable.CREATE_TABLES)).toBe(true);
+    const table = new IoPageTable(pool, 1);
+    const pages = 3 * 512;
+    const bases = [1000, 5000, 9000, 13000];
+    const control = new SharedArrayBuffer(5 * 4);
+    const ctl = new Int32Array(control);
+    const worker = new Worker(source, { eval: true, workerData: { buffer: pool.buffer, header: table.header, control, pages, bases } });
+    const done = new Promise<{ walks: number; hits: number; violations: number; finalMisses: number }>((resolve, reject) => {
+      worker.once('message', resolve);
+      worker.once('error', reject);
+    });
+    while (Atomics.load(ctl, 3) === 0) await new Promise((r) => setTimeout(r, 1));
+    const spare = new IoPageTable(pool, 2); // grows the pool under the reader from time to time
+    for (let round = 0; round < 400 || Atomics.load(ctl, 1) < 20_000; round++) {
+      const k = round % bases.length;
+      const perms = EntryFlag.READ | (k % 2 === 1 ? EntryFlag.WRITE : 0);
+      expect(pool.ensure(table.tablesForMap(0, pages, bases[k]!, false))).toBe(true);
+      table.map(0, pages, bases[k]!, perms, false);
+      if (round % 50 === 0) mapChecked(pool, spare, round * 512, 1, 1, RW, false);
+      table.unmap(0, pages - 1);
+      if (round % 100 === 99) await new Promise((r) => setTimeout(r, 0));
+      if (round > 100_000) break;
+    }
+    mapChecked(pool, table, 0, pages, bases[1]!, RW, false);
+    Atomics.store(ctl, 0, 1);
+    const result = await done;
+    await worker.terminate();
+    expect(result.violations).toBe(0);
+    expect(result.finalMisses).toBe(0);
+    expect(result.walks).toBeGreaterThan(0);
+  });
+});
