@@ -305,6 +305,22 @@ describe('iommufd_ioas: areas', () => {
     ]);
   });
 
+  it('ioasAreasIn lists the whole areas a range touches, in order', () => {
+    const { host, ctx } = setup();
+    const ioas = ctx.ioasAlloc();
+    mapFixed(ctx, ioas, BUFFER_GPA, 2n * PAGE_N, 0x10000n);
+    mapFixed(ctx, ioas, 0, PAGE_N, 0x12000n, IoasMapFlag.READABLE | IoasMapFlag.FIXED_IOVA);
+    mapFixed(ctx, ioas, 0, PAGE_N, 0x20000n);
+    expect(ctx.ioasAreasIn(ioas, 0x11fffn, 0x12000n)).toEqual([
+      { iova: 0x10000n, length: 2n * PAGE_N, gpa: BUFFER_GPA, readable: true, writeable: true, accessPins: 0 },
+      { iova: 0x12000n, length: PAGE_N, gpa: 0, readable: true, writeable: false, accessPins: 0 },
+    ]);
+    expect(ctx.ioasAreasIn(ioas, 0x13000n, 0x1ffffn)).toEqual([]);
+    expect(ctx.ioasAreasIn(ioas, 0n, U64_MAX).map((a) => a.iova)).toEqual([0x10000n, 0x12000n, 0x20000n]);
+    expectErrno(host, 'EINVAL', () => ctx.ioasAreasIn(ioas, 2n, 1n));
+    expectErrno(host, 'ENOENT', () => ctx.ioasAreasIn(999, 0n, 1n));
+  });
+
   it('iommufd_ioas.iova_ranges: the full range with no device, a hole per reserved region, EMSGSIZE', () => {
     const resv = { name: 'resv', group: 'resv', reservedRegions: [[PAGE_N, 2n * PAGE_N - 1n]] as [bigint, bigint][] };
     const { host, ctx } = setup({ devices: [resv, mockDevice('mock0')] });

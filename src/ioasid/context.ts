@@ -332,6 +332,32 @@ export class Context {
     });
   }
 
+  /**
+   * The areas of an IOAS that intersect [start, last] (inclusive), whole and in IOVA order, read back
+   * from the table. Not an iommufd ioctl (userspace keeps its own list); here for clients such as
+   * virtio-iommu that must tell which mappings a range covers. Cost follows the areas found.
+   */
+  ioasAreasIn(ioasId: number, start: bigint, last: bigint): AreaSnapshot[] {
+    return this.run('ioasAreasIn', () => {
+      const ioas = this.getIoas(ioasId);
+      const lo = u64Arg(start, 'start');
+      const hi = u64Arg(last, 'last');
+      if (lo > hi) throw new IommufdError('EINVAL', 'start is after last', 'start');
+      const out: AreaSnapshot[] = [];
+      ioas.table.forEachArea(pfnOf(lo), pfnOf(hi), (s, n, g, flags) => {
+        out.push({
+          iova: iovaOf(s),
+          length: iovaOf(n),
+          gpa: g * PAGE_SIZE,
+          readable: (flags & EntryFlag.READ) !== 0,
+          writeable: (flags & EntryFlag.WRITE) !== 0,
+          accessPins: ioas.areaPins.get(s) ?? 0,
+        });
+      });
+      return out;
+    });
+  }
+
   /** The length and IOVA checks of iopt_alloc_area_pages, shared by map and copy. */
   private placeAreas(ioas: Ioas, flags: number, iova: bigint, length: bigint, gpaHint: number): bigint {
     // iopt_alloc_area_pages: zero length, or a length off the IOAS alignment, is -EINVAL.
