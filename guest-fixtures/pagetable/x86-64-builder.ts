@@ -355,7 +355,7 @@ export class X86PageTableBuilder {
   }
 
   private leafAddress(value: bigint, level: number): number {
-    // A large leaf's bit 12 is PAT, not address (SDM table 4-17).
+    // A large leaf's bit 12 is PAT, not address (SDM "4-level paging", 2 MiB / 1 GiB entry formats).
     return Number(value & ADDRESS & ~(this.span(level) - 1n));
   }
 

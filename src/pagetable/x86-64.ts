@@ -10,7 +10,7 @@ import type { GuestMemory } from '../memory/guest-memory.js';
  * words, so the layout below is given per word: `lo` holds bits 0..31, `hi` bits 32..63.
  */
 
-/** Paging-structure entry bits (Intel SDM vol. 3, "4-level paging", tables 4-14..4-19). */
+/** Paging-structure entry bits (Intel SDM vol. 3, "4-level paging and 5-level paging", entry formats). */
 export const X86Pte = {
   SIZE: 8,
   // lo word
@@ -264,7 +264,7 @@ export function walkX86(stage1: X86Stage1, iovaPfn: number, access: X86Access, r
     if ((lo & X86Pte.PRESENT) === 0) return fail(out, X86Fault.NOT_PRESENT, level, gpa);
     const large = (level === 2 || level === 3) && (lo & X86Pte.PAGE_SIZE) !== 0;
     let reservedLo = 0;
-    // PS must be 0 in a PML4E / PML5E (SDM table 4-15); a large leaf's frame is size-aligned.
+    // PS is reserved in a PML4E / PML5E (SDM "4-level paging" entry formats); a large leaf's frame is size-aligned.
     if (level >= 4) reservedLo = X86Pte.PAGE_SIZE;
     else if (large) reservedLo = level === 2 ? X86Pte.RESERVED_2M : X86Pte.RESERVED_1G;
     if ((lo & reservedLo) !== 0 || (hi & reservedHi) !== 0) return fail(out, X86Fault.RESERVED_BIT, level, gpa);
