@@ -951,6 +951,20 @@ describe('isolation groups, reserved regions, PASIDs, translation', () => {
   });
 });
 
+describe('table pool limit', () => {
+  it('a map that needs more tables than the pool may grow to is ENOMEM and changes nothing', () => {
+    const memory = GuestMemory.create(8 * 1024 * 1024);
+    const host = new IommufdHost(memory, { pool: { initialTables: 4, maxTables: 8 } });
+    const ctx = host.open();
+    const ioas = ctx.ioasAlloc();
+    ctx.option({ option: IommuOption.HUGE_PAGES, objectId: ioas, op: IommuOptionOp.SET, value: 0n });
+    mapFixed(ctx, ioas, 0, PAGE_N, 0n);
+    // 4 MiB of 4 KiB leaves far from the first map needs more level-0 tables than are left.
+    expectErrno(host, 'ENOMEM', () => mapFixed(ctx, ioas, 0, 0x400000n, 0x40000000n));
+    mapFixed(ctx, ioas, 0, 0x200000n, 0x200000n);
+  });
+});
+
 describe('memory per mapping', () => {
   it('keeps table and pin-count memory under 16 bytes per live 4 KiB mapping at 100k maps', () => {
     const guestPages = 8192;

@@ -85,12 +85,14 @@ export class IoPageTable {
   }
 
   /**
-   * An upper bound on the tables map() may allocate for this range. With huge leaves allowed and
-   * IOVA/GPA congruent modulo a leaf size, only the unaligned head and tail need lower tables.
+   * The tables map() will allocate for this range, counted on the current table (exact), or an
+   * upper bound when the root must grow first (maps above 2^48 and 2^57 only).
    */
   tablesForMap(startPfn: number, pages: number, guestPfn: number, huge: boolean): number {
     const last = startPfn + pages - 1;
-    const levels = Math.max(this.levels, levelsFor(last));
+    const levels = levelsFor(last);
+    const hugeLevel = huge ? MAX_LEAF_LEVEL : 0;
+    if (levels <= this.levels) return this.countNew(this.root, this.levels - 1, 0, startPfn, startPfn + pages, startPfn, guestPfn, hugeLevel);
     let total = levels - this.levels;
     for (let level = 0; level < levels - 1; level++) {
       const aligned = huge && level < MAX_LEAF_LEVEL && (startPfn - guestPfn) % LEVEL_PAGES[level + 1]! === 0;
@@ -98,6 +100,38 @@ export class IoPageTable {
       total += aligned ? Math.min(2, span) : span;
     }
     return total;
+  }
+
+  /** Dry run of mapIn(): tables it would allocate below `table` (-1: a table that does not exist yet). */
+  private countNew(
+    table: number,
+    level: number,
+    base: number,
+    start: number,
+    end: number,
+    areaStart: number,
+    areaGuest: number,
+    hugeLevel: number,
+  ): number {
+    let count = table < 0 ? 1 : 0;
+    if (level === 0) return count;
+    const words = this.words;
+    const span = LEVEL_PAGES[level]!;
+    const lastIdx = Math.floor((end - 1 - base) / span);
+    for (let idx = Math.floor((start - base) / span); idx <= lastIdx; idx++) {
+      const childBase = base + idx * span;
+      const cs = Math.max(start, childBase);
+      const ce = Math.min(end, childBase + span);
+      const flags = table < 0 ? 0 : words[entryWord(table, idx) + FLAGS]!;
+      if ((flags & PRESENT) !== 0) {
+        if ((flags & LEAF) === 0) count += this.countNew(words[entryWord(table, idx) + FRAME]! >>> 0, level - 1, childBase, cs, ce, areaStart, areaGuest, hugeLevel);
+        continue;
+      }
+      const guest = areaGuest + (cs - areaStart);
+      if (level <= hugeLevel && cs === childBase && ce === childBase + span && guest % span === 0) continue;
+      count += this.countNew(-1, level - 1, childBase, cs, ce, areaStart, areaGuest, hugeLevel);
+    }
+    return count;
   }
 
   /**
