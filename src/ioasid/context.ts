@@ -21,6 +21,7 @@ import type { IommufdHost } from './host.js';
 import { HwptPaging, type Hwpt, type HwptNested } from './hwpt.js';
 import { Ioas, iovaOf, pfnOf, type AreaPart, type AreaSlice } from './ioas.js';
 import { ObjectTable, type ObjectType } from './objects.js';
+import type { QuiescenceOwner } from './quiescence.js';
 import {
   AccessRwFlag,
   HwCap,
@@ -168,6 +169,9 @@ export class Context {
   private readonly leafScratch = emptyLeafInfo();
   /** translate() reads through the same shared-memory path a device worker uses. */
   private readonly reader: TranslationReader;
+  /** Device workers' DMA brackets: set once workers translate from this context's tables. */
+  private quiescence: QuiescenceOwner | undefined;
+  private quiescenceTimeoutMs = 1000;
 
   constructor(
     private readonly host: IommufdHost,
@@ -197,10 +201,44 @@ export class Context {
       throw e;
     } finally {
       this.depth--;
-      // No device worker reads these tables yet, so freed tables are reusable at once. Once workers
-      // walk them, autoReclaim is turned off and the owner calls reclaim() after worker quiescence.
-      if (this.depth === 0 && this.host.autoReclaim) this.reclaim();
+      // Without device workers nobody else reads the tables, so freed ones are reusable at once.
+      // With workers, reclaim happens only after they are quiescent (see settle()).
+      if (this.depth === 0 && this.quiescence === undefined && this.host.autoReclaim) this.reclaim();
     }
+  }
+
+  /**
+   * Hands the context its device workers' quiescence block. From then on every call that removes
+   * or replaces a translation returns only once no worker can still use the old one (strict
+   * unmap), and freed tables are reclaimed only after that.
+   */
+  attachQuiescence(owner: QuiescenceOwner, options: { timeoutMs?: number } = {}): void {
+    this.quiescence = owner;
+    if (options.timeoutMs !== undefined) this.quiescenceTimeoutMs = options.timeoutMs;
+  }
+
+  /**
+   * Strict unmap: publishes a new epoch and waits until every device worker is outside a DMA or
+   * has seen it, then reclaims tables freed by the change. `fullFlush` when the change cannot be
+   * seen through an address space's generation (an address space or device row went away).
+   */
+  private settle(fullFlush: boolean): void {
+    const q = this.quiescence;
+    if (q === undefined) return;
+    const epoch = q.bumpEpoch({ fullFlush });
+    const result = q.waitQuiescent(epoch, { timeoutMs: this.quiescenceTimeoutMs });
+    if (result.stragglers.length > 0) {
+      this.log.error({ stragglers: result.stragglers }, 'device workers did not quiesce; they were revoked');
+    }
+    this.reclaim();
+  }
+
+  /** run() for calls that may remove or replace translations: settles after a success. */
+  private runNarrowing<T>(op: string, fullFlush: boolean, fn: () => T): T {
+    const outer = this.depth === 0;
+    const result = this.run(op, fn);
+    if (outer) this.settle(fullFlush);
+    return result;
   }
 
   /** Makes tables and device-table rows freed so far reusable. Call only when no reader holds them. */
@@ -372,7 +410,7 @@ export class Context {
 
   /** IOMMU_IOAS_UNMAP: returns the bytes unmapped. iova 0 with length U64_MAX unmaps everything. */
   ioasUnmap(ioasId: number, iova: bigint, length: bigint): bigint {
-    return this.run('ioasUnmap', () => {
+    return this.runNarrowing('ioasUnmap', false, () => {
       const start = u64Arg(iova, 'iova');
       const len = u64Arg(length, 'length');
       const ioas = this.getIoas(ioasId);
@@ -574,7 +612,7 @@ export class Context {
    * to an IOAS through an automatic HWPT. Returns the HWPT ID now in use.
    */
   deviceAttach(devId: number, ptId: number, pasid = 0): number {
-    return this.run('deviceAttach', () => {
+    return this.runNarrowing('deviceAttach', false, () => {
       const dev = this.getDevice(devId);
       const p = this.checkPasid(dev, pasidArg(pasid));
       const pt = this.lookup(ptId, 'ptId');
@@ -599,7 +637,7 @@ export class Context {
    * atomically. An emulator extension for virtio-iommu bypass: iommufd has no identity HWPT.
    */
   deviceSetBypass(devId: number, pasid = 0): void {
-    this.run('deviceSetBypass', () => {
+    this.runNarrowing('deviceSetBypass', false, () => {
       const dev = this.getDevice(devId);
       const p = this.checkPasid(dev, pasidArg(pasid));
       if (this.isAttached(dev, p)) this.replace(dev, p, 'identity');
@@ -609,7 +647,7 @@ export class Context {
 
   /** Detaches the device at PASID: it is blocked again. Detaching what is not attached does nothing. */
   deviceDetach(devId: number, pasid = 0): void {
-    this.run('deviceDetach', () => {
+    this.runNarrowing('deviceDetach', false, () => {
       const dev = this.getDevice(devId);
       this.detach(dev, pasidArg(pasid));
     });
@@ -617,7 +655,7 @@ export class Context {
 
   /** Unbinds the device (closing its VFIO cdev): detaches everything and frees its ID. */
   deviceUnbind(devId: number): void {
-    this.run('deviceUnbind', () => {
+    this.runNarrowing('deviceUnbind', true, () => {
       this.unbind(this.getDevice(devId));
     });
   }
@@ -1063,7 +1101,7 @@ export class Context {
 
   /** IOMMU_DESTROY. Devices and accesses are held by their drivers: use deviceUnbind / accessDestroy. */
   destroy(id: number): void {
-    this.run('destroy', () => {
+    this.runNarrowing('destroy', true, () => {
       const obj = this.lookup(id, 'id');
       switch (obj.type) {
         case 'IOAS':
@@ -1107,7 +1145,8 @@ export class Context {
     } finally {
       this.depth--;
     }
-    this.reclaim();
+    if (this.quiescence !== undefined) this.settle(true);
+    else this.reclaim();
     this.isClosed = true;
     this.host.closed(this);
   }
