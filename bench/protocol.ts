@@ -91,3 +91,21 @@ export interface NestedResult {
   /** Stage-2 translations per nested miss (stage-1 entries read, plus the data page). */
   readonly reads: number;
 }
+
+/** Start message of the virtio-iommu bench worker. */
+export interface ViommuStart {
+  readonly memory: GuestMemoryDescriptor;
+  /** The device's signal block (src/virtio/signals.ts). */
+  readonly signals: SharedArrayBuffer;
+  /** The one endpoint behind the IOMMU. */
+  readonly endpoint: number;
+}
+
+/** Control plane of the virtio-iommu bench worker (comlink). */
+export interface ViommuControl {
+  /** Answers once the device is built: readiness. */
+  ready(): boolean;
+  /** Requests the model handled, by status name. */
+  stats(): Record<string, unknown>;
+  stop(): Promise<void>;
+}
