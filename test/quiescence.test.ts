@@ -62,6 +62,7 @@ describe('quiescence: epochs seen by a worker', () => {
     expect(w.beginDma()).toBe(EpochChange.FLUSH);
     w.endDma();
     expect(w.observedEpoch).toBe(owner.epoch);
+    w.heartbeat();
     expect(words(buffer)[slotBase(w.slot) + QuiescenceSlot.DMA_COUNT]).toBe(4);
   });
 

@@ -39,7 +39,10 @@ export const QuiescenceSlot = {
   IN_DMA: 1,
   /** The epoch the worker observed at the start of its latest DMA. */
   OBSERVED: 2,
-  /** DMAs the worker has finished: a heartbeat that tells a busy worker from a stuck one. */
+  /**
+   * DMAs the worker has finished, published while an owner waits (and by heartbeat()): tells a
+   * busy worker from a stuck one.
+   */
   DMA_COUNT: 3,
   /** Caller-chosen tag (e.g. the thread ID), for diagnostics. */
   TAG: 4,
@@ -298,19 +301,22 @@ export class QuiescenceOwner {
  * bracket every DMA (see Translator.withDma); they are not reentrant here, the translator nests.
  */
 export class QuiescenceWorker {
-  readonly slot: number;
-  private readonly words: Int32Array;
-  private readonly base: number;
+  // Assigned once in the constructor (no emitted field initialisers): beginDma/endDma run per DMA.
+  private declare readonly words: Int32Array;
+  private declare readonly base: number;
   /** The epoch this worker's caches are valid for. */
-  private seen: number;
-  private dmaCount = 0;
-  private released = false;
+  private declare seen: number;
+  private declare dmaCount: number;
+  private declare released: boolean;
+  declare readonly slot: number;
 
   private constructor(words: Int32Array, slot: number) {
     this.words = words;
-    this.slot = slot;
     this.base = slotBase(slot);
     this.seen = Atomics.load(words, QuiescenceGlobal.EPOCH);
+    this.dmaCount = 0;
+    this.released = false;
+    this.slot = slot;
     Atomics.store(words, this.base + QuiescenceSlot.OBSERVED, this.seen);
   }
 
@@ -368,10 +374,18 @@ export class QuiescenceWorker {
     const w = this.words;
     Atomics.store(w, this.base + QuiescenceSlot.IN_DMA, 0);
     this.dmaCount = (this.dmaCount + 1) | 0;
-    Atomics.store(w, this.base + QuiescenceSlot.DMA_COUNT, this.dmaCount);
     // Store IN_DMA then load WAITING, while the owner stores WAITING then loads IN_DMA: one of
-    // the two sees the other (same argument as in QuiescenceOwner.settled()).
-    if (Atomics.load(w, QuiescenceGlobal.WAITING) !== 0) this.acknowledge();
+    // the two sees the other (same argument as in QuiescenceOwner.settled()). The heartbeat is
+    // published only then, when someone is looking: a seq-cst store per DMA is not free.
+    if (Atomics.load(w, QuiescenceGlobal.WAITING) !== 0) {
+      Atomics.store(w, this.base + QuiescenceSlot.DMA_COUNT, this.dmaCount);
+      this.acknowledge();
+    }
+  }
+
+  /** Publishes the DMA count now (diagnostics; endDma() does it while the owner waits). */
+  heartbeat(): void {
+    Atomics.store(this.words, this.base + QuiescenceSlot.DMA_COUNT, this.dmaCount);
   }
 
   private acknowledge(): void {
