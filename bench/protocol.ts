@@ -99,6 +99,20 @@ export interface ViommuStart {
   readonly signals: SharedArrayBuffer;
   /** The one endpoint behind the IOMMU. */
   readonly endpoint: number;
+  /**
+   * Device workers that will translate through the backend's context: when nonzero, the context
+   * gets a quiescence block with this many slots, so every UNMAP is a strict unmap.
+   */
+  readonly dmaWorkers: number;
+}
+
+/** What device workers need from the virtio-iommu worker's context to translate on their own. */
+export interface ViommuShared {
+  readonly pool: SharedArrayBuffer;
+  readonly devices: SharedArrayBuffer;
+  readonly quiescence: SharedArrayBuffer;
+  /** Device-table row of the endpoint's device. */
+  readonly row: number;
 }
 
 /** Control plane of the virtio-iommu bench worker (comlink). */
@@ -107,5 +121,27 @@ export interface ViommuControl {
   ready(): boolean;
   /** Requests the model handled, by status name. */
   stats(): Record<string, unknown>;
+  /** The shared buffers for device workers (only with dmaWorkers > 0). */
+  shared(): ViommuShared;
   stop(): Promise<void>;
+}
+
+/** Control words of the DMA-loop workers. */
+export const DmaLoop = {
+  /** Nonzero: finish the current DMA and exit. */
+  STOP: 0,
+  /** Workers that have registered and started their loop. */
+  READY: 1,
+  /** Worker i's DMA count is at COUNTS + i (updated every 256 DMAs). */
+  COUNTS: 8,
+} as const;
+
+export interface DmaLoopStart {
+  readonly index: number;
+  readonly shared: ViommuShared;
+  readonly memory: GuestMemoryDescriptor;
+  readonly control: SharedArrayBuffer;
+  /** IOVA of the first page the guest keeps mapped for these workers, and how many pages. */
+  readonly iova: number;
+  readonly pages: number;
 }

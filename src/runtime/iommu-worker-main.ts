@@ -1,0 +1,118 @@
+import type { MessagePort } from 'node:worker_threads';
+import { FaultAccess, FaultConsumer, FaultReason, faultIova } from '../ioasid/fault-queue.js';
+import { IommufdHost } from '../ioasid/index.js';
+import { QuiescenceOwner } from '../ioasid/quiescence.js';
+import { VirtioIommuDevice } from '../iommu/device.js';
+import { IoasidIommuBackend } from '../iommu/ioasid-backend.js';
+import { componentLogger } from '../log/pino.js';
+import { GuestMemory } from '../memory/index.js';
+import { DeviceRunner } from '../virtio/device-runner.js';
+import { MmioTransport } from '../virtio/mmio.js';
+import { PciTransport } from '../virtio/pci.js';
+import { ControlRequest, DeviceSignal, SignalInterruptLine, WorkerState, postControl } from '../virtio/signals.js';
+import { exposeOn } from './comlink.js';
+import { transportTarget } from './device-worker-main.js';
+import type { EndpointTranslation, IommuWorkerApi, IommuWorkerStart, IommuWorkerStats } from './iommu-worker-protocol.js';
+
+/**
+ * Body of the iommu worker: the iommufd host and context (the only writer of page tables), the
+ * virtio-iommu model over it behind a transport, and the fault path from device workers to the
+ * event queue. The data plane runs in a DeviceRunner; the control plane is comlink on `port`.
+ */
+export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void {
+  const log = componentLogger('iommu', { device: start.name, transport: start.transport });
+  const signals = new Int32Array(start.signals);
+  const memory = GuestMemory.fromDescriptor(start.memory);
+  const host = new IommufdHost(memory, {
+    devices: start.endpoints.map((ep) => ({
+      name: ep.device,
+      group: ep.group,
+      reservedRegions: ep.reservedRegions,
+      ...(ep.pasidBits !== undefined ? { pasidBits: ep.pasidBits } : {}),
+    })),
+    ...(start.memlockLimitPages !== undefined ? { memlockLimitPages: start.memlockLimitPages } : {}),
+    log: log.child({ component: 'iommufd' }),
+  });
+  const context = host.open();
+  context.attachQuiescence(new QuiescenceOwner(start.quiescence, { log }), {
+    ...(start.quiescenceTimeoutMs !== undefined ? { timeoutMs: start.quiescenceTimeoutMs } : {}),
+  });
+  const backend = new IoasidIommuBackend(
+    context,
+    start.endpoints.map((ep) => ({ endpoint: ep.id, device: ep.device, reservedRegions: ep.reservedRegions })),
+    log,
+  );
+  const endpointOfRow = new Map<number, number>();
+  for (const ep of start.endpoints) endpointOfRow.set(context.deviceRow(backend.deviceId(ep.id)!), ep.id);
+
+  const device = new VirtioIommuDevice(backend, { ...start.device, endpoints: start.endpoints.map((ep) => ep.id), log });
+  const irq = new SignalInterruptLine(signals);
+  const transport =
+    start.transport === 'mmio' ? new MmioTransport(device, memory, { irq, log }) : new PciTransport(device, memory, { irq, log });
+
+  const faults = new FaultConsumer(start.faults);
+  let drained = 0;
+  const drainFaults = (): number =>
+    faults.drain((record) => {
+      const endpoint = endpointOfRow.get(record.device);
+      drained++;
+      if (endpoint === undefined) {
+        log.warn({ row: record.device }, 'fault record for a device that is no endpoint; dropped');
+        return;
+      }
+      device.reportFault({
+        reason: record.reason === FaultReason.DOMAIN ? 'DOMAIN' : record.reason === FaultReason.NONE ? 'UNKNOWN' : 'MAPPING',
+        endpoint,
+        address: faultIova(record),
+        read: (record.access & FaultAccess.READ) !== 0,
+        write: (record.access & FaultAccess.WRITE) !== 0,
+        exec: (record.access & FaultAccess.EXEC) !== 0,
+      });
+    }, 256);
+
+  const target = { ...transportTarget(transport, log), poll: () => drainFaults() > 0 };
+  const runner = new DeviceRunner(start.signals, target, {
+    log,
+    ...(start.maxSpinMicros !== undefined ? { maxSpinMicros: start.maxSpinMicros } : {}),
+  });
+  const running = runner.run().catch((err: unknown) => {
+    Atomics.store(signals, DeviceSignal.WORKER_STATE, WorkerState.CRASHED);
+    log.error({ err }, 'iommu runner failed');
+  });
+
+  const api: IommuWorkerApi = {
+    stats(): IommuWorkerStats {
+      const q = faults.stats();
+      return {
+        device: device.stats(),
+        transport: { ...transport.stats() },
+        backend: host.stats(),
+        faultQueue: { drained, dropped: q.dropped },
+        doorbells: Atomics.load(signals, DeviceSignal.STAT_DOORBELLS),
+        wakeups: Atomics.load(signals, DeviceSignal.STAT_WAKEUPS),
+      };
+    },
+    reset: () => transport.reset(),
+    systemReset(): void {
+      transport.reset();
+      device.systemReset();
+    },
+    flushFaults(): number {
+      let total = 0;
+      for (let n = drainFaults(); n > 0; n = drainFaults()) total += n;
+      return total;
+    },
+    endpointTranslation(endpoint: number): EndpointTranslation {
+      const dev = backend.deviceId(endpoint);
+      if (dev === undefined) throw new RangeError(`endpoint ${endpoint} does not exist`);
+      return { endpoint, shared: context.describeShared(), row: context.deviceRow(dev) };
+    },
+    inspect: () => host.inspect(),
+    async stop(): Promise<void> {
+      postControl(signals, ControlRequest.STOP);
+      await running;
+    },
+  };
+  exposeOn(api, port);
+  log.debug('iommu worker ready');
+}

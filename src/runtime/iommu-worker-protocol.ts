@@ -1,0 +1,67 @@
+import type { HostSnapshot, SharedTranslation } from '../ioasid/index.js';
+import type { VirtioIommuOptions, VirtioIommuStats } from '../iommu/device.js';
+import type { GuestMemoryDescriptor } from '../memory/index.js';
+import type { TransportKind } from './device-worker-protocol.js';
+
+/** An endpoint behind the virtio-iommu, and the backend device it is. Plain data. */
+export interface EndpointSpec {
+  /** Endpoint ID the guest uses (PCI requester ID). */
+  readonly id: number;
+  /** Name of the physical device in the backend. */
+  readonly device: string;
+  /** Isolation group; endpoints sharing one must share a domain. */
+  readonly group: number | string;
+  /** Reserved IOVA ranges [start, last] (e.g. the x86 MSI window). */
+  readonly reservedRegions: readonly (readonly [bigint, bigint])[];
+  readonly pasidBits?: number;
+}
+
+/** The one start message of the iommu worker. */
+export interface IommuWorkerStart {
+  readonly name: string;
+  readonly transport: TransportKind;
+  readonly memory: GuestMemoryDescriptor;
+  /** The device's signal block (src/virtio/signals.ts). */
+  readonly signals: SharedArrayBuffer;
+  readonly endpoints: readonly EndpointSpec[];
+  readonly device: Omit<VirtioIommuOptions, 'endpoints' | 'log'>;
+  readonly memlockLimitPages?: number;
+  /** Device workers' DMA brackets: the strict-unmap handshake. */
+  readonly quiescence: SharedArrayBuffer;
+  /** Fault records from device workers. */
+  readonly faults: SharedArrayBuffer;
+  readonly quiescenceTimeoutMs?: number;
+  readonly maxSpinMicros?: number;
+}
+
+/** What a consumer device worker needs to translate an endpoint's DMA itself. */
+export interface EndpointTranslation {
+  readonly endpoint: number;
+  readonly shared: SharedTranslation;
+  /** The endpoint's device-table row: the `deviceSlot` of its translations and fault records. */
+  readonly row: number;
+}
+
+export interface IommuWorkerStats {
+  readonly device: VirtioIommuStats;
+  readonly transport: Record<string, unknown>;
+  readonly backend: { readonly pinnedPages: number; readonly accountedPages: number; readonly pinReferences: number };
+  readonly faultQueue: { readonly drained: number; readonly dropped: number };
+  readonly doorbells: number;
+  readonly wakeups: number;
+}
+
+/** Control plane of the iommu worker (comlink); never used per request. */
+export interface IommuWorkerApi {
+  stats(): IommuWorkerStats;
+  /** Device reset as the host does it (the guest resets through the status register). */
+  reset(): void;
+  /** Machine reset: device reset and config `bypass` back to its boot value. */
+  systemReset(): void;
+  /** Moves every fault record device workers queued so far onto the event queue; returns how many. */
+  flushFaults(): number;
+  endpointTranslation(endpoint: number): EndpointTranslation;
+  /** The backend's full state (objects, areas, pins): for tests and diagnostics. */
+  inspect(): HostSnapshot;
+  stop(): Promise<void>;
+}
