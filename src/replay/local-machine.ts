@@ -9,6 +9,7 @@ import type { Logger } from '../log/logger.js';
 import { silentLogger } from '../log/logger.js';
 import { GuestMemory } from '../memory/index.js';
 import { MmioTransport } from '../virtio/mmio.js';
+import { endpointDeviceName } from '../vmm/iommu-machine.js';
 import type { GuestReplayMachine } from './guest-runner.js';
 
 export interface LocalMachineOptions {
@@ -47,13 +48,13 @@ export class LocalIommuMachine implements GuestReplayMachine {
     const log = options.log ?? silentLogger;
     this.memory = GuestMemory.create(options.memorySize);
     this.host = new IommufdHost(this.memory, {
-      devices: options.endpoints.map((ep) => ({ name: endpointDevice(ep), group: ep, reservedRegions: [X86_MSI_WINDOW] })),
+      devices: options.endpoints.map((ep) => ({ name: endpointDeviceName(ep), group: ep, reservedRegions: [X86_MSI_WINDOW] })),
       log,
     });
     this.context = this.host.open();
     this.backend = new IoasidIommuBackend(
       this.context,
-      options.endpoints.map((ep) => ({ endpoint: ep, device: endpointDevice(ep), reservedRegions: [X86_MSI_WINDOW] })),
+      options.endpoints.map((ep) => ({ endpoint: ep, device: endpointDeviceName(ep), reservedRegions: [X86_MSI_WINDOW] })),
       log,
     );
     this.device = new VirtioIommuDevice(this.backend, { ...options.device, endpoints: options.endpoints, log });
@@ -104,9 +105,4 @@ export class LocalIommuMachine implements GuestReplayMachine {
     this.driver = this.openDriver();
     return this.driver;
   }
-}
-
-/** Name of the backend device behind an endpoint ID. */
-export function endpointDevice(endpoint: number): string {
-  return `endpoint-${endpoint.toString(16).padStart(4, '0')}`;
 }

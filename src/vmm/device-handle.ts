@@ -33,12 +33,31 @@ export class DeviceWorkerError extends Error {
   }
 }
 
+/** What every device worker's control plane offers: readiness through stats, and stop. */
+export interface DeviceControl {
+  stats(): unknown;
+  stop(): Promise<void>;
+}
+
+/** A worker entry point in workers/ hosting one virtio device, and its start message. */
+export interface DeviceLaunch<Start> {
+  /** Worker entry name (workers/NAME.ts, run from dist/). */
+  readonly entry: string;
+  readonly name: string;
+  readonly transport: TransportKind;
+  /** The start message; must carry `signals` (the device's signal block). */
+  readonly start: Start & { readonly signals: SharedArrayBuffer };
+  /** Queues the model has, for the PCI client's doorbell window (default 8). */
+  readonly queues?: number;
+  readonly accessTimeoutMs?: number;
+}
+
 /**
  * A virtio device running in its own worker, as the VMM sees it: the register bus (synchronous
  * accesses through the mailbox, doorbells without a round trip), the interrupt output, and the
  * comlink control plane.
  */
-export class DeviceHandle {
+export class DeviceHandle<Api extends DeviceControl = DeviceWorkerApi> {
   /** The worker's failure, once it has failed. */
   failure: DeviceWorkerError | undefined;
   private exited = false;
@@ -48,7 +67,7 @@ export class DeviceHandle {
     readonly transport: TransportKind,
     readonly worker: Worker,
     readonly signals: SharedArrayBuffer,
-    readonly control: Remote<DeviceWorkerApi>,
+    readonly control: Remote<Api>,
     readonly bus: MmioBus | PciBus,
     readonly interrupts: InterruptWaiter,
   ) {
@@ -66,29 +85,48 @@ export class DeviceHandle {
     });
   }
 
+  /** A generic virtio device (loopback, ...) in the device worker. */
   static async spawn(options: SpawnDeviceOptions): Promise<DeviceHandle> {
-    const signals = createSignalBuffer();
     const start: DeviceWorkerStart = {
       name: options.name,
       model: options.model,
       transport: options.transport,
       memory: options.memory.describe(),
-      signals,
+      signals: createSignalBuffer(),
       ...(options.maxSpinMicros !== undefined ? { maxSpinMicros: options.maxSpinMicros } : {}),
     };
-    const worker = new Worker(workerUrl('device-worker'), { workerData: start, name: `viommu:${options.name}` });
-    const control = wrapPort<DeviceWorkerApi>(worker);
+    return DeviceHandle.launch<DeviceWorkerApi, DeviceWorkerStart>({
+      entry: 'device-worker',
+      name: options.name,
+      transport: options.transport,
+      start,
+      ...(options.queues !== undefined ? { queues: options.queues } : {}),
+      ...(options.accessTimeoutMs !== undefined ? { accessTimeoutMs: options.accessTimeoutMs } : {}),
+    });
+  }
+
+  /** Any device worker entry: starts it, wires its bus and interrupts, waits until it answers. */
+  static async launch<Api extends DeviceControl, Start>(options: DeviceLaunch<Start>): Promise<DeviceHandle<Api>> {
+    const { signals } = options.start;
+    const worker = new Worker(workerUrl(options.entry), { workerData: options.start, name: `viommu:${options.name}` });
+    const control = wrapPort<Api>(worker);
     const clientOptions = options.accessTimeoutMs !== undefined ? { timeoutMs: options.accessTimeoutMs } : {};
     const bus =
       options.transport === 'mmio'
         ? new MmioBusClient(signals, clientOptions)
         : new PciBusClient(signals, { bar: PCI_NOTIFY_BAR, offsetOf: pciNotifyOffset, queues: options.queues ?? 8 }, clientOptions);
-    const handle = new DeviceHandle(options.name, options.transport, worker, signals, control, bus, new InterruptWaiter(signals));
+    const handle = new DeviceHandle<Api>(options.name, options.transport, worker, signals, control, bus, new InterruptWaiter(signals));
     // The first control call answers once the worker has built its device: that is readiness.
-    await Promise.race([
-      control.stats(),
-      new Promise((_, reject) => worker.once('error', (err) => reject(new DeviceWorkerError(options.name, `failed to start: ${err.message}`)))),
-    ]);
+    try {
+      await Promise.race([
+        (control as Remote<DeviceControl>).stats(),
+        new Promise((_, reject) => worker.once('error', (err) => reject(new DeviceWorkerError(options.name, `failed to start: ${err.message}`)))),
+      ]);
+    } catch (err) {
+      releaseRemote(control);
+      await worker.terminate();
+      throw err;
+    }
     return handle;
   }
 
@@ -103,7 +141,7 @@ export class DeviceHandle {
       let timer: ReturnType<typeof setTimeout> | undefined;
       try {
         await Promise.race([
-          this.control.stop(),
+          (this.control as Remote<DeviceControl>).stop(),
           new Promise((resolve) => {
             timer = setTimeout(resolve, 2000);
           }),

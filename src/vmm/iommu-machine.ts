@@ -1,0 +1,168 @@
+import { Worker } from 'node:worker_threads';
+import { createFaultQueueBuffer } from '../ioasid/fault-queue.js';
+import { X86_MSI_WINDOW } from '../ioasid/index.js';
+import { createQuiescenceBuffer } from '../ioasid/quiescence.js';
+import { GuestMemory } from '../memory/index.js';
+import { releaseRemote, wrapPort, type Remote } from '../runtime/comlink.js';
+import type { TransportKind } from '../runtime/device-worker-protocol.js';
+import type { DmaRequest, DmaResult, EndpointWorkerApi, EndpointWorkerStart } from '../runtime/endpoint-worker-protocol.js';
+import type { EndpointSpec, IommuWorkerApi, IommuWorkerStart } from '../runtime/iommu-worker-protocol.js';
+import { workerUrl } from '../runtime/worker-url.js';
+import { createSignalBuffer } from '../virtio/signals.js';
+import { DeviceHandle, DeviceWorkerError } from './device-handle.js';
+
+/** An endpoint as the embedder declares it: just its ID, or its ID with backend details. */
+export type EndpointDeclaration = number | (Partial<Omit<EndpointSpec, 'id'>> & { readonly id: number });
+
+export interface IommuMachineOptions {
+  /** Guest RAM at GPA 0, in bytes (a multiple of 4 KiB). */
+  readonly memorySize: number;
+  readonly transport: TransportKind;
+  /** Devices behind the IOMMU. Each gets a test endpoint worker that can DMA. */
+  readonly endpoints: readonly EndpointDeclaration[];
+  readonly device?: IommuWorkerStart['device'];
+  readonly memlockLimitPages?: number;
+  /** How long an unmap waits for device workers to leave their DMAs (default: the context's). */
+  readonly quiescenceTimeoutMs?: number;
+  /** Quiescence slots beyond the test endpoints, for consumer devices added later (default 8). */
+  readonly spareWorkerSlots?: number;
+  readonly maxSpinMicros?: number;
+}
+
+/** Name of the backend device behind an endpoint ID. */
+export function endpointDeviceName(endpoint: number): string {
+  return `endpoint-${endpoint.toString(16).padStart(4, '0')}`;
+}
+
+function endpointSpec(decl: EndpointDeclaration): EndpointSpec {
+  const d = typeof decl === 'number' ? { id: decl } : decl;
+  if (!Number.isInteger(d.id) || d.id < 0 || d.id > 0xffff_ffff) throw new RangeError(`endpoint ID must be a u32, got ${String(d.id)}`);
+  return {
+    id: d.id,
+    device: d.device ?? endpointDeviceName(d.id),
+    // Without a declared group, each endpoint is its own isolation group.
+    group: d.group ?? `group-${d.id}`,
+    reservedRegions: d.reservedRegions ?? [X86_MSI_WINDOW],
+    ...(d.pasidBits !== undefined ? { pasidBits: d.pasidBits } : {}),
+  };
+}
+
+/** A test endpoint in its worker: DMA on command through the shared translation. */
+export class EndpointHandle {
+  failure: DeviceWorkerError | undefined;
+
+  constructor(
+    readonly endpoint: number,
+    readonly worker: Worker,
+    readonly control: Remote<EndpointWorkerApi>,
+  ) {
+    worker.on('error', (err) => {
+      this.failure = new DeviceWorkerError(`endpoint ${endpoint}`, `worker crashed: ${err.message}`);
+    });
+  }
+
+  async dma(request: DmaRequest): Promise<DmaResult> {
+    if (this.failure !== undefined) throw this.failure;
+    return this.control.dma(request);
+  }
+
+  async close(): Promise<void> {
+    if (this.failure === undefined) {
+      try {
+        await this.control.stop();
+      } catch {
+        // Going away regardless.
+      }
+    }
+    releaseRemote(this.control);
+    await this.worker.terminate();
+  }
+}
+
+/**
+ * A machine as a VMM builds it: guest memory, the virtio-iommu in its worker (which owns the
+ * iommufd context and is the only writer of page tables) behind virtio-mmio or virtio-pci, and one
+ * test endpoint worker per endpoint, translating its own DMA through the shared page tables.
+ * The guest side (a driver on `iommu.bus`) is the caller's.
+ */
+export class IommuMachine {
+  private closed = false;
+
+  private constructor(
+    readonly memory: GuestMemory,
+    readonly transport: TransportKind,
+    readonly iommu: DeviceHandle<IommuWorkerApi>,
+    readonly endpoints: ReadonlyMap<number, EndpointHandle>,
+  ) {}
+
+  static async create(options: IommuMachineOptions): Promise<IommuMachine> {
+    const specs = options.endpoints.map(endpointSpec);
+    const ids = new Set(specs.map((s) => s.id));
+    if (ids.size !== specs.length) throw new RangeError('endpoint IDs must be distinct');
+    const memory = GuestMemory.create(options.memorySize);
+    const quiescence = createQuiescenceBuffer(specs.length + (options.spareWorkerSlots ?? 8));
+    const faults = createFaultQueueBuffer(256);
+    const start: IommuWorkerStart = {
+      name: 'virtio-iommu',
+      transport: options.transport,
+      memory: memory.describe(),
+      signals: createSignalBuffer(),
+      endpoints: specs,
+      device: options.device ?? {},
+      quiescence,
+      faults,
+      ...(options.memlockLimitPages !== undefined ? { memlockLimitPages: options.memlockLimitPages } : {}),
+      ...(options.quiescenceTimeoutMs !== undefined ? { quiescenceTimeoutMs: options.quiescenceTimeoutMs } : {}),
+      ...(options.maxSpinMicros !== undefined ? { maxSpinMicros: options.maxSpinMicros } : {}),
+    };
+    const iommu = await DeviceHandle.launch<IommuWorkerApi, IommuWorkerStart>({
+      entry: 'iommu-worker',
+      name: 'virtio-iommu',
+      transport: options.transport,
+      start,
+      queues: 2,
+    });
+    const endpoints = new Map<number, EndpointHandle>();
+    try {
+      for (const spec of specs) {
+        const t = await iommu.control.endpointTranslation(spec.id);
+        const epStart: EndpointWorkerStart = {
+          name: spec.device,
+          endpoint: spec.id,
+          row: t.row,
+          shared: t.shared,
+          memory: start.memory,
+          quiescence,
+          faults,
+          iommuSignals: start.signals,
+        };
+        const worker = new Worker(workerUrl('endpoint-worker'), { workerData: epStart, name: `viommu:${spec.device}` });
+        const handle = new EndpointHandle(spec.id, worker, wrapPort<EndpointWorkerApi>(worker));
+        endpoints.set(spec.id, handle);
+        await Promise.race([
+          handle.control.stats(),
+          new Promise((_, reject) => worker.once('error', (err) => reject(new DeviceWorkerError(spec.device, `failed to start: ${err.message}`)))),
+        ]);
+      }
+    } catch (err) {
+      await Promise.all([...endpoints.values()].map((e) => e.close()));
+      await iommu.close();
+      throw err;
+    }
+    return new IommuMachine(memory, options.transport, iommu, endpoints);
+  }
+
+  /** A DMA by the endpoint's device, translated in its worker. */
+  async dma(endpoint: number, request: DmaRequest): Promise<DmaResult> {
+    const handle = this.endpoints.get(endpoint);
+    if (handle === undefined) throw new RangeError(`endpoint ${endpoint} does not exist`);
+    return handle.dma(request);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await Promise.all([...this.endpoints.values()].map((e) => e.close()));
+    await this.iommu.close();
+  }
+}
