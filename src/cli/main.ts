@@ -1,11 +1,14 @@
 #!/usr/bin/env node
 import { parseArgs, UsageError } from './args.js';
 import { runDemo } from './demo.js';
+import { runReplay } from './replay.js';
 
 const HELP = `viommu — a virtio-iommu device model over an emulated iommufd, in Node.js workers
 
 Usage:
   viommu demo [--json]        run a scripted guest and narrate what happens
+  viommu replay [--json] [--record] [--transport mmio|pci] FILE...
+                              replay guest fixtures against the device in its worker
   viommu --help               this text; every command also takes --help
 
 Environment:
@@ -16,6 +19,14 @@ const COMMAND_HELP: Record<string, string> = {
 
 Starts a machine (guest memory and device workers), drives it from a scripted guest driver and
 prints what happens at each step. --json prints one JSON document instead.`,
+  replay: `viommu replay [--json] [--record] [--transport mmio|pci] FILE...
+
+Replays guest fixtures (docs/fixtures.md): for each file a fresh machine, the virtio-iommu in its
+worker behind the transport (default mmio) and one DMA endpoint worker per endpoint, driven by
+the guest driver through the real queues. Prints one line per step and "N passed, N failed".
+  --json       one JSON object per file instead
+  --record     write each file back with every expectation replaced by what was observed
+Exit code: 0 when every step of every file matched, 1 otherwise, 2 for a bad command line.`,
 };
 
 export async function main(argv: readonly string[]): Promise<number> {
@@ -35,6 +46,13 @@ export async function main(argv: readonly string[]): Promise<number> {
       const args = parseArgs(rest, { flags: ['--json'] });
       if (args.positionals.length > 0) throw new UsageError(`demo takes no arguments, got ${args.positionals[0]}`);
       return runDemo({ json: args.flags.has('--json') });
+    }
+    case 'replay': {
+      const args = parseArgs(rest, { flags: ['--json', '--record'], values: ['--transport'] });
+      if (args.positionals.length === 0) throw new UsageError('replay needs at least one fixture file');
+      const transport = args.values.get('--transport') ?? 'mmio';
+      if (transport !== 'mmio' && transport !== 'pci') throw new UsageError(`--transport must be mmio or pci, got ${transport}`);
+      return runReplay({ files: args.positionals, json: args.flags.has('--json'), record: args.flags.has('--record'), transport });
     }
     default:
       throw new UsageError(`unknown command ${JSON.stringify(command)} (try viommu --help)`);

@@ -1,0 +1,85 @@
+import { execFile } from 'node:child_process';
+import { copyFile, mkdtemp, readFile, readdir, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+
+// The command users run: the built bin, in its own process, as `npx viommu replay` does.
+const root = fileURLToPath(new URL('..', import.meta.url));
+const bin = join(root, 'dist/src/cli/main.js');
+const fixtures = join(root, 'guest-fixtures');
+
+function viommu(args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [bin, ...args], { cwd: root, env: { ...process.env, VIOMMU_LOG: 'silent' } }, (err, stdout, stderr) => {
+      const code = err === null ? 0 : typeof err.code === 'number' ? err.code : 1;
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+describe('viommu replay', () => {
+  it('passes every shipped fixture, one summary line per file', async () => {
+    const files = (await readdir(fixtures)).filter((f) => f.endsWith('.json')).map((f) => join(fixtures, f));
+    expect(files.length).toBeGreaterThanOrEqual(15);
+    const { code, stdout } = await viommu(['replay', ...files]);
+    const summaries = stdout.split('\n').filter((l) => /^\d+ passed, \d+ failed/.test(l));
+    expect(summaries).toHaveLength(files.length);
+    for (const s of summaries) expect(s).toMatch(/^\d+ passed, 0 failed$/);
+    expect(stdout).not.toMatch(/ FAIL$/m);
+    expect(code).toBe(0);
+  });
+
+  it('--json prints one object per file in the contract shape, over virtio-pci', async () => {
+    const { code, stdout } = await viommu(['replay', '--json', '--transport', 'pci', join(fixtures, 'dma-after-unmap.json'), join(fixtures, 'map-rules.json')]);
+    expect(code).toBe(0);
+    const docs = stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(docs.map((d) => d.name)).toEqual(['dma-after-unmap', 'map-rules']);
+    for (const d of docs) {
+      expect(Object.keys(d)).toEqual(expect.arrayContaining(['name', 'steps', 'passed', 'failed', 'skipped']));
+      expect(d.failed).toBe(0);
+      for (const s of d.steps as Record<string, unknown>[]) expect(Object.keys(s).sort()).toEqual(['actual', 'expect', 'index', 'ok', 'op', 'skipped']);
+    }
+  });
+
+  it('fails on a wrong expectation; --record rewrites it with what was observed, which then passes', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'viommu-replay-'));
+    const file = join(dir, 'wrong.json');
+    await copyFile(join(fixtures, 'dma-after-unmap.json'), file);
+    const doc = JSON.parse(await readFile(file, 'utf8')) as { steps: Record<string, unknown>[] };
+    const dmaAfter = doc.steps.findIndex((s, i) => s.op === 'dma' && s.expect === 'fault' && i > 0);
+    expect(dmaAfter).toBeGreaterThan(0);
+    doc.steps[dmaAfter]!.expect = 'ok';
+    doc.steps[0]!.expect = 'NOENT';
+    await writeFile(file, JSON.stringify(doc));
+
+    const failing = await viommu(['replay', file]);
+    expect(failing.code).toBe(1);
+    expect(failing.stdout.match(/ FAIL$/gm)).toHaveLength(2);
+    expect(failing.stdout).toMatch(/\n\d+ passed, 2 failed\n/);
+
+    const recording = await viommu(['replay', '--record', file]);
+    expect(recording.code).toBe(1);
+    const rewritten = JSON.parse(await readFile(file, 'utf8')) as { steps: Record<string, unknown>[]; name: string };
+    expect(rewritten.name).toBe('dma-after-unmap');
+    expect(rewritten.steps[dmaAfter]!.expect).toBe('fault');
+    expect(rewritten.steps[0]!.expect).toBe('OK');
+    const again = await viommu(['replay', file]);
+    expect(again.code).toBe(0);
+  });
+
+  it('reports an unreadable or invalid fixture and exits 1; a bad command line exits 2', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'viommu-replay-'));
+    const bad = join(dir, 'bad.json');
+    await writeFile(bad, JSON.stringify({ format: 'viommu-guest-fixture/1', name: 'x', endpoints: [1], steps: [{ op: 'map', domain: 1 }] }));
+    const invalid = await viommu(['replay', bad, join(dir, 'missing.json')]);
+    expect(invalid.code).toBe(1);
+    expect(invalid.stdout).toMatch(/bad\.json: invalid fixture: \$\.steps\[0\]/);
+    expect(invalid.stdout).toMatch(/missing\.json: invalid fixture: .*ENOENT/);
+    const usage = await viommu(['replay', '--transport', 'isa', bad]);
+    expect(usage.code).toBe(2);
+    expect(usage.stderr).toMatch(/--transport must be mmio or pci/);
+    expect((await viommu(['replay'])).code).toBe(2);
+  });
+});
