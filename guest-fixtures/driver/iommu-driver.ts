@@ -19,6 +19,11 @@ export interface RequestResult {
   readonly writable: Uint8Array;
 }
 
+/** Requests on the queue that the guest has not collected yet. */
+export interface PostedRequests {
+  readonly placed: readonly { readonly head: number; readonly readAddr: number; readonly writeAddr: number; readonly req: EncodedRequest }[];
+}
+
 export interface IommuConfigValues {
   readonly pageSizeMask: bigint;
   readonly inputRange: readonly [bigint, bigint];
@@ -94,6 +99,14 @@ export class IommuGuestDriver {
 
   /** Places every request on the queue before one notification; results in submission order. */
   batch(requests: readonly EncodedRequest[], timeoutMs = 5000): RequestResult[] {
+    return this.wait(this.post(requests), timeoutMs);
+  }
+
+  /**
+   * Places the requests and notifies, without waiting: a guest that goes on with other work.
+   * Collect them with wait() before posting more; completions() tells whether any has been used.
+   */
+  post(requests: readonly EncodedRequest[]): PostedRequests {
     const { memory, allocator } = this.options;
     const placed = requests.map((req, i) => {
       const readAddr = req.readable.length > 0 ? allocator.alloc(req.readable.length, 8) : 0;
@@ -112,8 +125,20 @@ export class IommuGuestDriver {
       return { head, readAddr, writeAddr, req };
     });
     this.device.kick(IommuQueue.REQUEST);
-    const results = new Array<RequestResult>(requests.length);
-    for (let done = 0; done < requests.length; done++) {
+    return { placed };
+  }
+
+  /** Used request buffers the device has published and no wait() has collected yet. */
+  completions(): number {
+    return this.device.queue(IommuQueue.REQUEST).pendingUsed();
+  }
+
+  /** Waits for every request of `posted`; results in submission order. */
+  wait(posted: PostedRequests, timeoutMs = 5000): RequestResult[] {
+    const { memory, allocator } = this.options;
+    const { placed } = posted;
+    const results = new Array<RequestResult>(placed.length);
+    for (let done = 0; done < placed.length; done++) {
       const used = this.device.waitUsed(IommuQueue.REQUEST, timeoutMs);
       const p = placed[used.token as number]!;
       const writable = p.req.writable > 0 ? memory.view(p.writeAddr, p.req.writable).slice() : new Uint8Array(0);

@@ -6,7 +6,15 @@ import { componentLogger } from '../log/pino.js';
 import { GuestMemory } from '../memory/index.js';
 import { DeviceSignal } from '../virtio/signals.js';
 import { exposeOn } from './comlink.js';
-import type { DmaRequest, DmaResult, EndpointWorkerApi, EndpointWorkerStart, EndpointWorkerStats } from './endpoint-worker-protocol.js';
+import {
+  DmaHold,
+  MAX_HOLD_MS,
+  type DmaRequest,
+  type DmaResult,
+  type EndpointWorkerApi,
+  type EndpointWorkerStart,
+  type EndpointWorkerStats,
+} from './endpoint-worker-protocol.js';
 
 const REASONS: Record<number, 'DOMAIN' | 'MAPPING' | 'PERMISSION'> = {
   [FaultReason.DOMAIN]: 'DOMAIN',
@@ -64,6 +72,20 @@ export function runEndpointWorker(start: EndpointWorkerStart, port: MessagePort)
     return data !== undefined ? { outcome: 'ok', spans: spans.count, data } : { outcome: 'ok', spans: spans.count };
   };
 
+  const holdOpen = (word: Int32Array): void => {
+    Atomics.store(word, 0, DmaHold.INSIDE);
+    Atomics.notify(word, 0);
+    const deadline = performance.now() + MAX_HOLD_MS;
+    while (Atomics.load(word, 0) !== DmaHold.RELEASE) {
+      const left = deadline - performance.now();
+      if (left <= 0) {
+        log.warn('held DMA never released; ending it');
+        break;
+      }
+      Atomics.wait(word, 0, DmaHold.INSIDE, left);
+    }
+  };
+
   const api: EndpointWorkerApi = {
     dma(req: DmaRequest): DmaResult {
       if (!Number.isSafeInteger(req.length) || req.length <= 0 || req.length > MAX_DMA_LENGTH) {
@@ -77,6 +99,7 @@ export function runEndpointWorker(start: EndpointWorkerStart, port: MessagePort)
       let result: DmaResult;
       try {
         result = perform(req);
+        if (req.hold !== undefined) holdOpen(new Int32Array(req.hold));
       } finally {
         translator.endDma();
       }

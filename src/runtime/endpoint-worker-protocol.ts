@@ -32,7 +32,19 @@ export interface DmaRequest {
   readonly pasid?: number;
   /** Bytes a write puts in memory (repeated to `length`); default 0x5a. */
   readonly data?: Uint8Array;
+  /**
+   * Keeps the DMA open after its transfer, as a slow device does: the worker stores
+   * DmaHold.INSIDE in word 0 of this buffer and stays inside the DMA until someone stores
+   * DmaHold.RELEASE there (or 10 s pass). Unmaps meanwhile must wait for it (strict unmap).
+   */
+  readonly hold?: SharedArrayBuffer;
 }
+
+/** Values of a held DMA's control word. */
+export const DmaHold = { IDLE: 0, INSIDE: 1, RELEASE: 2 } as const;
+
+/** Longest a DMA stays held, so a forgotten release cannot wedge the worker. */
+export const MAX_HOLD_MS = 10_000;
 
 /** What the device saw. A fault stops the DMA at the first page that did not translate. */
 export type DmaResult =
