@@ -335,8 +335,8 @@ describe('radix page table: a reader in another thread', () => {
             const flags = Atomics.load(words, w);
             if ((flags & 1) === 0) break;
             const frame = words[w + 1] >>> 0;
+            if (Atomics.load(words, w) !== flags) { again = true; break; }
             if (level === 0 || (flags & 8) !== 0) {
-              if (Atomics.load(words, w) !== flags) { again = true; break; }
               result = [frame + (pfn % 512 ** level), flags];
               break;
             }
@@ -351,6 +351,7 @@ describe('radix page table: a reader in another thread', () => {
         const pfn = (walks * 7919) % pages;
         const hit = walk(pfn);
         walks++;
+        Atomics.store(ctl, 2, walks);
         if (hit !== null) {
           hits++;
           const base = hit[0] - pfn;
@@ -385,6 +386,12 @@ describe('radix page table: a reader in another thread', () => {
       table.map(0, pages, bases[k]!, perms, false);
       if (round % 50 === 0) mapChecked(pool, spare, round * 512, 1, 1, RW, false);
       table.unmap(0, pages - 1);
+      // As the context does after a narrowing change, wait until every walk that may have begun
+      // before the unmap has ended before mapping again (the reader's walks are its DMAs).
+      const walked = Atomics.load(ctl, 2);
+      for (const deadline = Date.now() + 5000; Atomics.load(ctl, 2) < walked + 2 && Date.now() < deadline; ) {
+        if (Atomics.load(ctl, 0) !== 0) break;
+      }
       if (round % 100 === 99) await new Promise((r) => setTimeout(r, 0));
       if (round > 100_000) break;
     }

@@ -259,8 +259,9 @@ export class IoPageTable {
       if (level === 0 || (flags & LEAF) !== 0) {
         if (childBase < start || childBase + span > end) throw new Error(`unmap would cut the leaf at pfn ${childBase}`);
         const guest = words[w + FRAME]! >>> 0;
+        // Only the flags word is cleared: a reader that loaded the old flags and reads the frame
+        // next gets the old frame, and its re-check of the flags sends it round again.
         Atomics.store(words, w + FLAGS, 0);
-        words[w + FRAME] = 0;
         pool.markClear(table, idx);
         pool.full[table]!--;
         removed += span;
@@ -272,8 +273,10 @@ export class IoPageTable {
       removed += this.unmapIn(child, level - 1, childBase, Math.max(start, childBase), Math.min(end, childBase + span), onLeaf);
       if (wasFull && pool.full[child] !== ENTRIES_PER_TABLE) pool.full[table]!--;
       if (pool.present[child] === 0) {
+        // The frame word keeps pointing at the freed table: a reader that loaded the old flags
+        // follows it into that table, which stays intact until reclaim() (after quiescence). A
+        // zeroed frame would send it into pool page 0, which is not a table.
         Atomics.store(words, w + FLAGS, 0);
-        words[w + FRAME] = 0;
         pool.markClear(table, idx);
         pool.release(child);
         this.owned--;

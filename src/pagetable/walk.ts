@@ -67,10 +67,12 @@ function walkOnce(words: Int32Array, header: number, iovaPfn: number, out: LeafI
     const flags = Atomics.load(words, w + Entry.FLAGS_WORD);
     if ((flags & EntryFlag.PRESENT) === 0) return WalkResult.MISS;
     const frame = words[w + Entry.FRAME_WORD]! >>> 0;
+    // The frame belongs to these flags only if they still hold after it was read: an entry
+    // cleared and set again in between (a leaf remapped, a table replaced by a huge leaf) would pair
+    // a frame with flags it never had. Within a DMA bracket the owner cannot clear and set an entry
+    // twice (narrowing changes wait for quiescence), so one re-check suffices.
+    if (Atomics.load(words, w + Entry.FLAGS_WORD) !== flags) return RETRY;
     if (level === 0 || (flags & EntryFlag.LEAF) !== 0) {
-      // The leaf may have been unmapped (and remapped) between the two reads: only a frame read
-      // between two equal flag loads pairs the right permissions with the right guest page.
-      if (Atomics.load(words, w + Entry.FLAGS_WORD) !== flags) return RETRY;
       const offset = iovaPfn % LEVEL_PAGES[level]!;
       out.guestPfn = frame + offset;
       out.leafPfn = iovaPfn - offset;
