@@ -97,6 +97,8 @@ function findPasidRowWords(rows: Int32Array, pool: Int32Array, row: number, pasi
     const flags = Atomics.load(pool, w + Entry.FLAGS_WORD);
     if ((flags & EntryFlag.PRESENT) === 0) return -1;
     table = pool[w + Entry.FRAME_WORD]! >>> 0;
+    // The frame goes with these flags only if they still hold (the entry may have been replaced).
+    if (Atomics.load(pool, w + Entry.FLAGS_WORD) !== flags) return findPasidRowWords(rows, pool, row, pasid);
   }
   return table;
 }
@@ -382,8 +384,8 @@ export class PasidDirectory {
       table = words[w + Entry.FRAME_WORD]! >>> 0;
     }
     const w = entryWord(table, pasid % ENTRIES_PER_TABLE);
+    // Flags only: a reader racing this clear reads the old row index, never row 0 (a real device).
     Atomics.store(words, w, 0);
-    words[w + Entry.FRAME_WORD] = 0;
   }
 
   destroy(): void {
