@@ -5,20 +5,29 @@ import { createQuiescenceBuffer } from '../ioasid/quiescence.js';
 import { GuestMemory } from '../memory/index.js';
 import { releaseRemote, wrapPort, type Remote } from '../runtime/comlink.js';
 import type { TransportKind } from '../runtime/device-worker-protocol.js';
+import type { DmaEngineWorkerApi, DmaEngineWorkerStart } from '../runtime/dma-engine-protocol.js';
 import type { DmaRequest, DmaResult, EndpointWorkerApi, EndpointWorkerStart } from '../runtime/endpoint-worker-protocol.js';
 import type { EndpointSpec, IommuWorkerApi, IommuWorkerStart } from '../runtime/iommu-worker-protocol.js';
 import { workerUrl } from '../runtime/worker-url.js';
 import { createSignalBuffer } from '../virtio/signals.js';
 import { DeviceHandle, DeviceWorkerError } from './device-handle.js';
 
-/** An endpoint as the embedder declares it: just its ID, or its ID with backend details. */
-export type EndpointDeclaration = number | (Partial<Omit<EndpointSpec, 'id'>> & { readonly id: number });
+/**
+ * What sits behind an endpoint: a test endpoint (DMA on command from the host, for tests and
+ * replay) or a DMA engine (a VFIO-style PCI function the guest programs itself).
+ */
+export type EndpointKind = 'test' | 'dma-engine';
+
+/** An endpoint as the embedder declares it: just its ID (a test endpoint), or its ID with details. */
+export type EndpointDeclaration =
+  | number
+  | (Partial<Omit<EndpointSpec, 'id'>> & { readonly id: number; readonly kind?: EndpointKind; readonly pasidCapable?: boolean });
 
 export interface IommuMachineOptions {
   /** Guest RAM at GPA 0, in bytes (a multiple of 4 KiB). */
   readonly memorySize: number;
   readonly transport: TransportKind;
-  /** Devices behind the IOMMU. Each gets a test endpoint worker that can DMA. */
+  /** Devices behind the IOMMU, each in its own worker. */
   readonly endpoints: readonly EndpointDeclaration[];
   readonly device?: IommuWorkerStart['device'];
   readonly memlockLimitPages?: number;
@@ -35,7 +44,7 @@ export function endpointDeviceName(endpoint: number): string {
 }
 
 function endpointSpec(decl: EndpointDeclaration): EndpointSpec {
-  const d = typeof decl === 'number' ? { id: decl } : decl;
+  const d: Partial<Omit<EndpointSpec, 'id'>> & { readonly id: number } = typeof decl === 'number' ? { id: decl } : decl;
   if (!Number.isInteger(d.id) || d.id < 0 || d.id > 0xffff_ffff) throw new RangeError(`endpoint ID must be a u32, got ${String(d.id)}`);
   return {
     id: d.id,
@@ -92,7 +101,10 @@ export class IommuMachine {
     readonly memory: GuestMemory,
     readonly transport: TransportKind,
     readonly iommu: DeviceHandle<IommuWorkerApi>,
+    /** Test endpoints by endpoint ID. */
     readonly endpoints: ReadonlyMap<number, EndpointHandle>,
+    /** DMA-engine functions by endpoint ID; the guest reaches each through its `bus`. */
+    readonly dmaEngines: ReadonlyMap<number, DeviceHandle<DmaEngineWorkerApi>>,
   ) {}
 
   static async create(options: IommuMachineOptions): Promise<IommuMachine> {
@@ -123,9 +135,26 @@ export class IommuMachine {
       queues: 2,
     });
     const endpoints = new Map<number, EndpointHandle>();
+    const dmaEngines = new Map<number, DeviceHandle<DmaEngineWorkerApi>>();
     try {
-      for (const spec of specs) {
+      for (const [i, spec] of specs.entries()) {
         const t = await iommu.control.endpointTranslation(spec.id);
+        const decl = options.endpoints[i]!;
+        const kind = typeof decl === 'number' ? 'test' : (decl.kind ?? 'test');
+        if (kind === 'dma-engine') {
+          const engineStart: DmaEngineWorkerStart = {
+            name: spec.device,
+            memory: start.memory,
+            signals: createSignalBuffer(),
+            translation: { shared: t.shared, row: t.row, quiescence, faults, iommuSignals: start.signals },
+            ...(typeof decl !== 'number' && decl.pasidCapable !== undefined ? { pasidCapable: decl.pasidCapable } : {}),
+          };
+          dmaEngines.set(
+            spec.id,
+            await DeviceHandle.launch<DmaEngineWorkerApi, DmaEngineWorkerStart>({ entry: 'dma-engine-worker', name: spec.device, transport: 'pci', start: engineStart, queues: 0 }),
+          );
+          continue;
+        }
         const epStart: EndpointWorkerStart = {
           name: spec.device,
           endpoint: spec.id,
@@ -146,16 +175,17 @@ export class IommuMachine {
       }
     } catch (err) {
       await Promise.all([...endpoints.values()].map((e) => e.close()));
+      await Promise.all([...dmaEngines.values()].map((e) => e.close()));
       await iommu.close();
       throw err;
     }
-    return new IommuMachine(memory, options.transport, iommu, endpoints);
+    return new IommuMachine(memory, options.transport, iommu, endpoints, dmaEngines);
   }
 
   /** A DMA by the endpoint's device, translated in its worker. */
   async dma(endpoint: number, request: DmaRequest): Promise<DmaResult> {
     const handle = this.endpoints.get(endpoint);
-    if (handle === undefined) throw new RangeError(`endpoint ${endpoint} does not exist`);
+    if (handle === undefined) throw new RangeError(`endpoint ${endpoint} is not a test endpoint`);
     return handle.dma(request);
   }
 
@@ -163,6 +193,7 @@ export class IommuMachine {
     if (this.closed) return;
     this.closed = true;
     await Promise.all([...this.endpoints.values()].map((e) => e.close()));
+    await Promise.all([...this.dmaEngines.values()].map((e) => e.close()));
     await this.iommu.close();
   }
 }

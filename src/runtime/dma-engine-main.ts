@@ -1,0 +1,87 @@
+import { threadId, type MessagePort } from 'node:worker_threads';
+import { DmaEngine } from '../devices/dma-engine.js';
+import { FaultProducer } from '../ioasid/fault-queue.js';
+import { QuiescenceWorker } from '../ioasid/quiescence.js';
+import { DeviceTableAttachments, Translator } from '../ioasid/translator.js';
+import { componentLogger } from '../log/pino.js';
+import { TranslatorDmaSpace } from '../memory/dma-space.js';
+import { GuestMemory } from '../memory/index.js';
+import { DeviceRunner } from '../virtio/device-runner.js';
+import type { MailboxAccess } from '../virtio/mailbox.js';
+import { ControlRequest, DeviceSignal, MailboxOp, SignalInterruptLine, WorkerState, postControl } from '../virtio/signals.js';
+import { exposeOn } from './comlink.js';
+import type { DmaEngineWorkerApi, DmaEngineWorkerStart } from './dma-engine-protocol.js';
+
+/**
+ * Body of a DMA-engine worker: the engine's registers served through the mailbox (a register
+ * write that starts a command returns once the transfer has finished or faulted), its DMA
+ * translated by this worker's Translator through the shared page tables.
+ */
+export function runDmaEngineWorker(start: DmaEngineWorkerStart, port: MessagePort): void {
+  const log = componentLogger('dma-engine', { device: start.name });
+  const signals = new Int32Array(start.signals);
+  const memory = GuestMemory.fromDescriptor(start.memory);
+  const t = start.translation;
+  const translator = new Translator({
+    pool: t.shared.pool.buffer,
+    attachments: new DeviceTableAttachments(t.shared),
+    quiescence: QuiescenceWorker.register(t.quiescence, threadId),
+    faults: new FaultProducer(t.faults, new Int32Array(t.iommuSignals), DeviceSignal.WAKE),
+  });
+  const spaces = new Map<number, TranslatorDmaSpace>();
+  const engine = new DmaEngine({
+    spaceFor: (pasid) => {
+      const key = pasid ?? -1;
+      let space = spaces.get(key);
+      if (space === undefined) spaces.set(key, (space = new TranslatorDmaSpace(translator, memory, t.row, pasid)));
+      return space;
+    },
+    irq: new SignalInterruptLine(signals),
+    ...(start.pasidCapable !== undefined ? { pasidCapable: start.pasidCapable } : {}),
+    log,
+  });
+  const runner = new DeviceRunner(
+    start.signals,
+    {
+      access(a: MailboxAccess): number {
+        const size = a.size as 1 | 2 | 4;
+        switch (a.op) {
+          case MailboxOp.CONFIG_READ:
+            return engine.configRead(a.offset, size);
+          case MailboxOp.CONFIG_WRITE:
+            engine.configWrite(a.offset, size, a.value);
+            return 0;
+          case MailboxOp.BAR_READ:
+            return engine.barRead(a.bar, a.offset, size);
+          case MailboxOp.BAR_WRITE:
+            engine.barWrite(a.bar, a.offset, size, a.value);
+            return 0;
+          default:
+            log.warn({ op: a.op }, 'a PCI function takes configuration and BAR accesses only; read as all-ones');
+            return 0xffff_ffff;
+        }
+      },
+      notifyQueue: (index) => log.debug({ index }, 'doorbell on a device without queues ignored'),
+      reset: () => engine.reset(),
+    },
+    { log, ...(start.maxSpinMicros !== undefined ? { maxSpinMicros: start.maxSpinMicros } : {}) },
+  );
+  const running = runner.run().catch((err: unknown) => {
+    Atomics.store(signals, DeviceSignal.WORKER_STATE, WorkerState.CRASHED);
+    log.error({ err }, 'DMA-engine runner failed');
+  });
+  const api: DmaEngineWorkerApi = {
+    stats: () => ({
+      engine: engine.stats(),
+      translator: translator.stats(),
+      registerAccesses: Atomics.load(signals, DeviceSignal.STAT_MAILBOX),
+      wakeups: Atomics.load(signals, DeviceSignal.STAT_WAKEUPS),
+    }),
+    reset: () => engine.reset(),
+    async stop(): Promise<void> {
+      postControl(signals, ControlRequest.STOP);
+      await running;
+    },
+  };
+  exposeOn(api, port);
+}
