@@ -2,8 +2,9 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { GuestAllocator } from '../guest-fixtures/driver/allocator.js';
 import { DmaEngineDriver } from '../guest-fixtures/driver/dma-engine-driver.js';
 import { IommuGuestDriver } from '../guest-fixtures/driver/iommu-driver.js';
-import { encodeAttach, encodeMap, encodeUnmap, type EncodedRequest } from '../guest-fixtures/driver/iommu-requests.js';
+import { encodeAttach, encodeDetach, encodeMap, encodeUnmap, type EncodedRequest } from '../guest-fixtures/driver/iommu-requests.js';
 import { MmioDriverTransport } from '../guest-fixtures/driver/mmio.js';
+import { PciDriverTransport } from '../guest-fixtures/driver/pci.js';
 import {
   DMA_ENGINE_ID,
   DmaEngine,
@@ -18,7 +19,7 @@ import { GuestMemory } from '../src/memory/index.js';
 import { driverArena } from '../src/replay/local-machine.js';
 import type { MmioBus, PciBus } from '../src/virtio/bus.js';
 import { PciCommand, PciHeader } from '../src/virtio/pci.js';
-import { IommuMachine } from '../src/vmm/iommu-machine.js';
+import { endpointDeviceName, IommuMachine } from '../src/vmm/iommu-machine.js';
 
 /** IOVA = GPA + OFFSET inside [WINDOW_START, WINDOW_END) of IOVA space; anything else faults. */
 const OFFSET = 0x4000_0000;
@@ -225,5 +226,68 @@ describe('DMA engine in its worker behind the virtio-iommu', () => {
 
     const stats = await machine.dmaEngines.get(EP)!.control.stats();
     expect(stats.engine).toMatchObject({ completed: 1, faults: 3 });
+  });
+});
+
+describe('two DMA-engine functions in one isolation group', () => {
+  const FN0 = 0x28;
+  const FN1 = 0x29;
+  const OTHER = 0x30;
+  let machine: IommuMachine;
+  let iommu: IommuGuestDriver;
+  const status = (req: EncodedRequest): number | 'NONE' => iommu.request(req).status;
+
+  beforeEach(async () => {
+    machine = await IommuMachine.create({
+      memorySize: 16 << 20,
+      transport: 'pci',
+      endpoints: [{ id: FN0, kind: 'dma-engine', group: 'card0' }, { id: FN1, kind: 'dma-engine', group: 'card0' }, OTHER],
+      device: { bootBypass: false },
+    });
+    const arena = driverArena(16 << 20);
+    iommu = IommuGuestDriver.open({
+      transport: new PciDriverTransport(machine.iommu.bus as PciBus, { bar0Address: 0xe000_0000 }),
+      memory: machine.memory,
+      allocator: new GuestAllocator(arena.base, arena.size),
+      interrupts: machine.iommu.interrupts,
+    });
+  });
+  afterEach(async () => {
+    await machine.close();
+  });
+
+  it('the group is owned by this context, shares one translation, and cannot be split across domains', async () => {
+    // Another process cannot bind either function while this machine's context owns the group.
+    expect(await machine.iommu.control.foreignBind(endpointDeviceName(FN1))).toBe('EBUSY');
+    expect(await machine.iommu.control.foreignBind(endpointDeviceName(FN0))).toBe('EBUSY');
+
+    const fn0 = DmaEngineDriver.probe(machine.dmaEngines.get(FN0)!.bus as PciBus, { bar0Address: 0xd000_0000 });
+    const fn1 = DmaEngineDriver.probe(machine.dmaEngines.get(FN1)!.bus as PciBus, { bar0Address: 0xd000_1000 });
+    const IOVA = 0x3000_0000n;
+    expect(status(encodeAttach(1, FN0))).toBe(Status.OK);
+    expect(status(encodeMap(1, IOVA, IOVA + 0xfffn, 0x30_0000n, MapFlag.READ | MapFlag.WRITE))).toBe(Status.OK);
+    // FN1 was never attached, yet it cannot be isolated from FN0: it follows its sibling.
+    expect(fn1.fill(IOVA, 64, 0x5c).status).toBe('DONE');
+    expect(machine.memory.view(0x30_0000, 64).every((b) => b === 0x5c)).toBe(true);
+
+    // Spec: the device MUST reject an ATTACH it cannot perform with UNSUPP.
+    expect(status(encodeAttach(2, FN1))).toBe(Status.UNSUPP);
+    expect(status(encodeAttach(2, OTHER))).toBe(Status.OK);
+    expect(status(encodeAttach(1, FN1))).toBe(Status.OK);
+
+    // Detaching one function while its sibling stays attached leaves it in the group's domain.
+    expect(status(encodeDetach(1, FN0))).toBe(Status.OK);
+    expect(fn0.fill(IOVA, 64, 0x6d).status).toBe('DONE');
+    // Once no function of the group is attached, both are blocked (bypass is off).
+    expect(status(encodeDetach(1, FN1))).toBe(Status.OK);
+    expect(fn0.fill(IOVA, 64, 0x7e)).toMatchObject({ status: 'FAULT_WRITE', faultAddress: IOVA });
+    expect(fn1.fill(IOVA, 64, 0x7e)).toMatchObject({ status: 'FAULT_WRITE', faultAddress: IOVA });
+    expect(machine.memory.view(0x30_0000, 64).every((b) => b === 0x6d)).toBe(true);
+    await machine.iommu.control.flushFaults();
+    const faults = [iommu.takeFault(), iommu.takeFault()];
+    expect(faults.map((f) => [f?.reason, f?.endpoint])).toEqual([
+      [FaultReason.DOMAIN, FN0],
+      [FaultReason.DOMAIN, FN1],
+    ]);
   });
 });

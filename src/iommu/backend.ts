@@ -27,6 +27,11 @@ export interface PagingDomainHandle {
 }
 
 export interface IommuBackend {
+  /**
+   * The other endpoints in `endpoint`'s isolation group: devices the host cannot isolate from
+   * each other, which therefore always share one translation.
+   */
+  groupSiblings(endpoint: number): readonly number[];
   /** Reserved IOVA ranges of an endpoint's device (PROBE RESV_MEM properties). */
   reservedRegions(endpoint: number): readonly ReservedRegion[];
   /** A fresh paging domain for `endpoint` to attach to first, or an errno (e.g. ENOMEM at a limit). */
@@ -36,7 +41,10 @@ export interface IommuBackend {
   attachPaging(endpoint: number, domain: PagingDomainHandle): Errno | undefined;
   /** Identity translation (bypass). */
   attachIdentity(endpoint: number): Errno | undefined;
-  /** No translation at all: every DMA faults. */
+  /**
+   * Takes the endpoint out of its group's attachment. With no sibling attached, the group is
+   * blocked (every DMA faults); otherwise the endpoint keeps the group's translation.
+   */
   attachBlocked(endpoint: number): Errno | undefined;
   map(domain: PagingDomainHandle, iova: bigint, length: bigint, gpa: number, read: boolean, write: boolean, mmio: boolean): Errno | undefined;
   /** Mappings (IOAS areas) that intersect [start, end], in IOVA order. */

@@ -402,6 +402,17 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
       return Status.INVAL;
     }
     if (this.attachedTo.get(endpoint) === domainId) return Status.OK;
+    // §5.13.6.1: the driver SHOULD attach endpoints that cannot be isolated from each other to the
+    // same domain. Their translation is one in the backend, so this device cannot put a group
+    // member anywhere else while a sibling is attached: "If it cannot do so, the device MUST
+    // reject the request and set status to VIRTIO_IOMMU_S_UNSUPP."
+    for (const sibling of this.backend.groupSiblings(endpoint)) {
+      const theirs = this.attachedTo.get(sibling);
+      if (theirs !== undefined && theirs !== domainId) {
+        this.log.warn({ endpoint, domain: domainId, sibling, siblingDomain: theirs }, 'attach refused: an endpoint of the same isolation group is attached to another domain');
+        return Status.UNSUPP;
+      }
+    }
     let domain = existing;
     let created = false;
     if (domain === undefined) {
@@ -442,8 +453,10 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
     // §5.13.6.2: no such domain, or endpoint not attached to it → MAY set INVAL.
     if (this.attachedTo.get(endpoint) !== domainId) return Status.INVAL;
     // After DETACH the endpoint MUST NOT reach the domain's mappings; the backend's attach
-    // completes only once no device worker can still use the old translation.
-    const errno = this.bypassInEffect() ? this.backend.attachIdentity(endpoint) : this.backend.attachBlocked(endpoint);
+    // completes only once no device worker can still use the old translation. (An endpoint whose
+    // isolation-group sibling stays attached cannot be isolated from it: it keeps the group's
+    // translation, which is what "cannot be isolated" means.)
+    const errno = this.detachedMode(endpoint);
     if (errno !== undefined) {
       this.log.error({ endpoint, errno }, 'backend refused to detach');
       return Status.DEVERR;
@@ -588,8 +601,19 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
   }
 
   private unattachedMode(endpoint: number): void {
-    const errno = this.bypassInEffect() ? this.backend.attachIdentity(endpoint) : this.backend.attachBlocked(endpoint);
+    const errno = this.detachedMode(endpoint);
     if (errno !== undefined) this.log.error({ endpoint, errno }, 'backend refused the unattached-endpoint mode');
+  }
+
+  /**
+   * The backend state of an endpoint attached to no domain: bypass or blocked per the rules, unless
+   * a sibling of its isolation group is attached — then it only leaves the group's attachment (the
+   * group's translation is one; switching it would move the sibling too).
+   */
+  private detachedMode(endpoint: number): string | undefined {
+    const siblingAttached = this.backend.groupSiblings(endpoint).some((s) => this.attachedTo.has(s));
+    if (siblingAttached) return this.backend.attachBlocked(endpoint);
+    return this.bypassInEffect() ? this.backend.attachIdentity(endpoint) : this.backend.attachBlocked(endpoint);
   }
 
   /**

@@ -10,6 +10,8 @@ export interface EndpointBinding {
   readonly device: string;
   /** The device's reserved IOVA ranges (as declared on the host), for PROBE. */
   readonly reservedRegions: readonly (readonly [bigint, bigint])[];
+  /** Its isolation group as declared on the host (default: a group of its own). */
+  readonly group?: number | string;
 }
 
 /**
@@ -20,6 +22,7 @@ export interface EndpointBinding {
 export class IoasidIommuBackend implements IommuBackend {
   private readonly devIds = new Map<number, number>();
   private readonly reserved = new Map<number, readonly ReservedRegion[]>();
+  private readonly siblings = new Map<number, readonly number[]>();
   private readonly log: Logger;
 
   constructor(
@@ -28,6 +31,10 @@ export class IoasidIommuBackend implements IommuBackend {
     log: Logger = silentLogger,
   ) {
     this.log = log;
+    for (const ep of endpoints) {
+      const mates = ep.group === undefined ? [] : endpoints.filter((o) => o !== ep && o.group === ep.group).map((o) => o.endpoint);
+      this.siblings.set(ep.endpoint, mates);
+    }
     for (const ep of endpoints) {
       this.devIds.set(ep.endpoint, context.deviceBind(ep.device));
       this.reserved.set(
@@ -45,6 +52,10 @@ export class IoasidIommuBackend implements IommuBackend {
   /** Backend device ID of an endpoint (for consumers that attach their translators). */
   deviceId(endpoint: number): number | undefined {
     return this.devIds.get(endpoint);
+  }
+
+  groupSiblings(endpoint: number): readonly number[] {
+    return this.siblings.get(endpoint) ?? [];
   }
 
   reservedRegions(endpoint: number): readonly ReservedRegion[] {

@@ -1,6 +1,6 @@
 import type { MessagePort } from 'node:worker_threads';
 import { FaultAccess, FaultConsumer, FaultReason, faultIova } from '../ioasid/fault-queue.js';
-import { IommufdHost } from '../ioasid/index.js';
+import { IommufdError, IommufdHost } from '../ioasid/index.js';
 import { QuiescenceOwner } from '../ioasid/quiescence.js';
 import { VirtioIommuDevice } from '../iommu/device.js';
 import { IoasidIommuBackend } from '../iommu/ioasid-backend.js';
@@ -39,7 +39,7 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
   });
   const backend = new IoasidIommuBackend(
     context,
-    start.endpoints.map((ep) => ({ endpoint: ep.id, device: ep.device, reservedRegions: ep.reservedRegions })),
+    start.endpoints.map((ep) => ({ endpoint: ep.id, device: ep.device, reservedRegions: ep.reservedRegions, group: ep.group })),
     log,
   );
   const endpointOfRow = new Map<number, number>();
@@ -106,6 +106,18 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
       const dev = backend.deviceId(endpoint);
       if (dev === undefined) throw new RangeError(`endpoint ${endpoint} does not exist`);
       return { endpoint, shared: context.describeShared(), row: context.deviceRow(dev) };
+    },
+    foreignBind(name: string): string {
+      const other = host.open();
+      try {
+        other.deviceBind(name);
+        return 'OK';
+      } catch (err) {
+        if (err instanceof IommufdError) return err.code;
+        throw err;
+      } finally {
+        other.close();
+      }
     },
     inspect: () => host.inspect(),
     async stop(): Promise<void> {

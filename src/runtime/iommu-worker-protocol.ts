@@ -61,6 +61,11 @@ export interface IommuWorkerApi {
   /** Moves every fault record device workers queued so far onto the event queue; returns how many. */
   flushFaults(): number;
   endpointTranslation(endpoint: number): EndpointTranslation;
+  /**
+   * What another process opening /dev/iommu on this host gets when it binds `device`: 'OK' (then
+   * it lets go again) or the errno, e.g. EBUSY while this machine's context owns the device's group.
+   */
+  foreignBind(device: string): string;
   /** The backend's full state (objects, areas, pins): for tests and diagnostics. */
   inspect(): HostSnapshot;
   stop(): Promise<void>;
