@@ -50,6 +50,10 @@ export const DmaEngineReg = {
   COMPLETED: 0x3c,
   /** Read-only: bytes moved by the last command (up to the fault, if it faulted). */
   DONE_BYTES: 0x40,
+  /** Read-only: passes of the repeating transfer since it started. */
+  PASSES: 0x44,
+  /** Read-only: passes of the repeating transfer that stopped at a fault. */
+  PASS_FAULTS: 0x48,
 } as const;
 
 export const DMA_ENGINE_ID = 0x45414d44; // 'DMAE' little-endian
@@ -66,6 +70,13 @@ export const DmaEngineCommand = {
   COPY: 1,
   /** Fill LENGTH bytes at DST with the low byte of SRC_LO. */
   FILL: 2,
+  /** Stops a repeating transfer after its current pass. */
+  STOP: 3,
+  /**
+   * Flag on COPY or FILL: repeat the transfer pass after pass, in the engine's own time, until
+   * STOP — through faults, which are counted (a traffic generator for strict-unmap testing).
+   */
+  REPEAT: 0x100,
 } as const;
 
 export const DmaEngineStatus = {
@@ -77,6 +88,8 @@ export const DmaEngineStatus = {
   FAULT_WRITE: 3,
   /** The command could not start: unknown command, bad length, PASID unsupported, bus mastering off. */
   INVALID: 4,
+  /** A repeating transfer is running. */
+  BUSY: 5,
 } as const;
 
 export const DmaEngineIrq = { DONE: 1 << 0, ERROR: 1 << 1 } as const;
@@ -96,6 +109,7 @@ export interface DmaEngineOptions {
 
 export interface DmaEngineStats {
   readonly commands: number;
+  readonly passes: number;
   readonly completed: number;
   readonly faults: number;
   readonly invalid: number;
@@ -103,6 +117,21 @@ export interface DmaEngineStats {
 }
 
 const CONFIG_SIZE = 256;
+
+interface Transfer {
+  readonly op: number;
+  readonly src: number;
+  readonly dst: number;
+  readonly length: number;
+  readonly pasid: number | undefined;
+}
+
+interface TransferOutcome {
+  readonly status: number;
+  /** Where it stopped (faults only). */
+  readonly iova: number;
+  readonly done: number;
+}
 
 /** One function of the engine: PCI configuration space, BAR 0 and the DMA itself. */
 export class DmaEngine {
@@ -112,7 +141,9 @@ export class DmaEngine {
   private readonly regs = new Uint32Array(DMA_ENGINE_BAR_SIZE / 4);
   private readonly log: Logger;
   private readonly burst = new Uint8Array(BURST);
-  private readonly counters = { commands: 0, completed: 0, faults: 0, invalid: 0, bytes: 0 };
+  private readonly counters = { commands: 0, passes: 0, completed: 0, faults: 0, invalid: 0, bytes: 0 };
+  /** The transfer a REPEAT command keeps running, fixed when it was started. */
+  private repeating: Transfer | undefined;
 
   constructor(private readonly options: DmaEngineOptions) {
     this.log = options.log ?? silentLogger;
@@ -135,6 +166,7 @@ export class DmaEngine {
     this.mask(PciHeader.bar0.offset, 4, ~(DMA_ENGINE_BAR_SIZE - 1) >>> 0);
     this.mask(PciHeader.bar1.offset, 4, 0xffff_ffff);
     this.mask(PciHeader.interruptLine.offset, 1, 0xff);
+    this.repeating = undefined;
     this.regs.fill(0);
     this.regs[DmaEngineReg.ID / 4] = DMA_ENGINE_ID;
     this.regs[DmaEngineReg.CAPS / 4] = this.options.pasidCapable === true ? DmaEngineCap.PASID : 0;
@@ -216,14 +248,28 @@ export class DmaEngine {
   private run(command: number): void {
     this.counters.commands++;
     const r = this.regs;
+    if (command === DmaEngineCommand.STOP) {
+      if (this.repeating !== undefined) {
+        this.repeating = undefined;
+        this.finish(DmaEngineStatus.DONE);
+      }
+      return;
+    }
+    if (this.repeating !== undefined) {
+      this.counters.invalid++;
+      this.log.warn({ command }, 'DMA engine: command refused: a repeating transfer is running (STOP it first)');
+      r[DmaEngineReg.STATUS / 4] = DmaEngineStatus.BUSY;
+      return;
+    }
     r[DmaEngineReg.FAULT_LO / 4] = 0;
     r[DmaEngineReg.FAULT_HI / 4] = 0;
     r[DmaEngineReg.DONE_BYTES / 4] = 0;
+    const op = command & ~DmaEngineCommand.REPEAT;
     const length = r[DmaEngineReg.LENGTH / 4]!;
     const pasidReg = r[DmaEngineReg.PASID / 4]!;
     const pasid = (pasidReg & DmaEnginePasid.ENABLE) !== 0 ? pasidReg & DmaEnginePasid.MASK : undefined;
     let invalid: string | undefined;
-    if (command !== DmaEngineCommand.COPY && command !== DmaEngineCommand.FILL) invalid = `unknown command ${command}`;
+    if (op !== DmaEngineCommand.COPY && op !== DmaEngineCommand.FILL) invalid = `unknown command ${command}`;
     else if (length === 0 || length > DMA_ENGINE_MAX_LENGTH) invalid = `length ${length} outside 1..${DMA_ENGINE_MAX_LENGTH}`;
     else if (pasid !== undefined && this.options.pasidCapable !== true) invalid = 'PASID requested but the engine has no PASID support';
     // A function whose bus mastering is off must not issue memory requests (PCI Local Bus spec, Command register bit 2).
@@ -234,45 +280,82 @@ export class DmaEngine {
       this.finish(DmaEngineStatus.INVALID);
       return;
     }
-    const src = r[DmaEngineReg.SRC_HI / 4]! * 0x1_0000_0000 + r[DmaEngineReg.SRC_LO / 4]!;
-    const dst = r[DmaEngineReg.DST_HI / 4]! * 0x1_0000_0000 + r[DmaEngineReg.DST_LO / 4]!;
+    const transfer: Transfer = {
+      op,
+      src: r[DmaEngineReg.SRC_HI / 4]! * 0x1_0000_0000 + r[DmaEngineReg.SRC_LO / 4]!,
+      dst: r[DmaEngineReg.DST_HI / 4]! * 0x1_0000_0000 + r[DmaEngineReg.DST_LO / 4]!,
+      length,
+      pasid,
+    };
+    if ((command & DmaEngineCommand.REPEAT) !== 0) {
+      this.repeating = transfer;
+      r[DmaEngineReg.PASSES / 4] = 0;
+      r[DmaEngineReg.PASS_FAULTS / 4] = 0;
+      r[DmaEngineReg.STATUS / 4] = DmaEngineStatus.BUSY;
+      return;
+    }
+    const outcome = this.transfer(transfer);
+    if (outcome.status === DmaEngineStatus.DONE) {
+      this.counters.completed++;
+      r[DmaEngineReg.COMPLETED / 4] = (r[DmaEngineReg.COMPLETED / 4]! + 1) >>> 0;
+    } else {
+      this.faultAt(outcome);
+    }
+    this.finish(outcome.status);
+  }
+
+  /** One pass of a repeating transfer; false when none is running. Called by the worker's loop. */
+  pump(): boolean {
+    const t = this.repeating;
+    if (t === undefined) return false;
+    const outcome = this.transfer(t);
+    const r = this.regs;
+    r[DmaEngineReg.PASSES / 4] = (r[DmaEngineReg.PASSES / 4]! + 1) >>> 0;
+    if (outcome.status !== DmaEngineStatus.DONE) {
+      r[DmaEngineReg.PASS_FAULTS / 4] = (r[DmaEngineReg.PASS_FAULTS / 4]! + 1) >>> 0;
+      this.faultAt(outcome, false);
+    }
+    return true;
+  }
+
+  /** Moves the data in bursts inside one DMA bracket; stops at the first fault. */
+  private transfer(t: Transfer): TransferOutcome {
+    this.counters.passes++;
+    const { op, src, dst, length } = t;
     // IOVAs from 2^53 up cannot be named by the engine's address arithmetic: it treats them as
     // unreachable (a fault without a record, logged) rather than risk an inexact address.
-    if (command === DmaEngineCommand.COPY && src + length > Number.MAX_SAFE_INTEGER) return this.faultAt(DmaEngineStatus.FAULT_READ, src, 0);
-    if (dst + length > Number.MAX_SAFE_INTEGER) return this.faultAt(DmaEngineStatus.FAULT_WRITE, dst, 0);
-    const space = this.options.spaceFor(pasid);
+    if (op === DmaEngineCommand.COPY && src + length > Number.MAX_SAFE_INTEGER) return { status: DmaEngineStatus.FAULT_READ, iova: src, done: 0 };
+    if (dst + length > Number.MAX_SAFE_INTEGER) return { status: DmaEngineStatus.FAULT_WRITE, iova: dst, done: 0 };
+    const space = this.options.spaceFor(t.pasid);
     space.begin();
     try {
       let done = 0;
-      if (command === DmaEngineCommand.FILL) this.burst.fill(r[DmaEngineReg.SRC_LO / 4]! & 0xff);
+      if (op === DmaEngineCommand.FILL) this.burst.fill(src & 0xff);
       while (done < length) {
         // Bursts end at page boundaries of the destination (and source), as a real engine's would.
-        const n = Math.min(BURST - (dst + done) % BURST, command === DmaEngineCommand.COPY ? BURST - (src + done) % BURST : BURST, length - done);
+        const n = Math.min(BURST - ((dst + done) % BURST), op === DmaEngineCommand.COPY ? BURST - ((src + done) % BURST) : BURST, length - done);
         const chunk = this.burst.subarray(0, n);
-        if (command === DmaEngineCommand.COPY && !space.read(src + done, chunk)) return this.faultAt(DmaEngineStatus.FAULT_READ, src + done, done);
-        if (!space.write(dst + done, chunk)) return this.faultAt(DmaEngineStatus.FAULT_WRITE, dst + done, done);
+        if (op === DmaEngineCommand.COPY && !space.read(src + done, chunk)) return { status: DmaEngineStatus.FAULT_READ, iova: src + done, done };
+        if (!space.write(dst + done, chunk)) return { status: DmaEngineStatus.FAULT_WRITE, iova: dst + done, done };
         done += n;
       }
-      r[DmaEngineReg.DONE_BYTES / 4] = done;
       this.counters.bytes += done;
-      this.counters.completed++;
-      r[DmaEngineReg.COMPLETED / 4] = (r[DmaEngineReg.COMPLETED / 4]! + 1) >>> 0;
-      this.finish(DmaEngineStatus.DONE);
+      this.regs[DmaEngineReg.DONE_BYTES / 4] = done;
+      return { status: DmaEngineStatus.DONE, iova: 0, done };
     } finally {
       space.end();
     }
   }
 
-  /** The DMA stopped at `iova` after `done` bytes (the DmaSpace has reported the fault). */
-  private faultAt(status: number, iova: number, done: number): void {
+  /** Records where a transfer stopped (the DmaSpace has reported the fault itself). */
+  private faultAt(outcome: TransferOutcome, log = true): void {
     this.counters.faults++;
-    this.counters.bytes += done;
+    this.counters.bytes += outcome.done;
     const r = this.regs;
-    r[DmaEngineReg.FAULT_LO / 4] = iova >>> 0;
-    r[DmaEngineReg.FAULT_HI / 4] = Math.floor(iova / 0x1_0000_0000) >>> 0;
-    r[DmaEngineReg.DONE_BYTES / 4] = done;
-    this.log.info({ iova: `0x${iova.toString(16)}`, done, status }, 'DMA engine: transfer stopped by a fault');
-    this.finish(status);
+    r[DmaEngineReg.FAULT_LO / 4] = outcome.iova >>> 0;
+    r[DmaEngineReg.FAULT_HI / 4] = Math.floor(outcome.iova / 0x1_0000_0000) >>> 0;
+    r[DmaEngineReg.DONE_BYTES / 4] = outcome.done;
+    if (log) this.log.info({ iova: `0x${outcome.iova.toString(16)}`, done: outcome.done, status: outcome.status }, 'DMA engine: transfer stopped by a fault');
   }
 
   private finish(status: number): void {

@@ -29,6 +29,7 @@ export function runDmaEngineWorker(start: DmaEngineWorkerStart, port: MessagePor
     faults: new FaultProducer(t.faults, new Int32Array(t.iommuSignals), DeviceSignal.WAKE),
   });
   const spaces = new Map<number, TranslatorDmaSpace>();
+  const gapMs = (start.repeatGapMicros ?? 50) / 1000;
   const engine = new DmaEngine({
     spaceFor: (pasid) => {
       const key = pasid ?? -1;
@@ -63,6 +64,15 @@ export function runDmaEngineWorker(start: DmaEngineWorkerStart, port: MessagePor
       },
       notifyQueue: (index) => log.debug({ index }, 'doorbell on a device without queues ignored'),
       reset: () => engine.reset(),
+      // A repeating transfer runs one pass per loop turn, between register accesses, then rests
+      // for the pass gap (or until the guest touches a register): an emulated engine has no bus of
+      // its own, so without the gap it would take a whole core from the guest and the IOMMU.
+      poll: () => {
+        if (!engine.pump()) return false;
+        const wake = Atomics.load(signals, DeviceSignal.WAKE);
+        if (gapMs > 0) Atomics.wait(signals, DeviceSignal.WAKE, wake, gapMs);
+        return true;
+      },
     },
     { log, ...(start.maxSpinMicros !== undefined ? { maxSpinMicros: start.maxSpinMicros } : {}) },
   );

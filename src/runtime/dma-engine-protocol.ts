@@ -24,6 +24,8 @@ export interface DmaEngineWorkerStart {
   readonly signals: SharedArrayBuffer;
   readonly translation: ConsumerTranslation;
   readonly pasidCapable?: boolean;
+  /** Rest between passes of a repeating transfer, in microseconds (default 50; 0: none). */
+  readonly repeatGapMicros?: number;
   readonly maxSpinMicros?: number;
 }
 

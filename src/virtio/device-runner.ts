@@ -3,6 +3,9 @@ import { silentLogger } from '../log/logger.js';
 import { serveMailbox, type MailboxAccess } from './mailbox.js';
 import { ControlRequest, DeviceSignal, MAX_SIGNALLED_QUEUES, WorkerState } from './signals.js';
 
+/** Longest stretch of uninterrupted work before the runner lets its worker's message loop run. */
+const YIELD_AFTER_MS = 5;
+
 /** What the runner drives: a transport (and through it a device model). No method may throw. */
 export interface RunnerTarget {
   /** A register access forwarded through the mailbox; returns the value the guest reads. */
@@ -74,9 +77,19 @@ export class DeviceRunner {
   async run(): Promise<void> {
     const s = this.signals;
     Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.RUNNING);
+    let busySince = performance.now();
     while (!this.stopped) {
       const wake = Atomics.load(s, DeviceSignal.WAKE);
-      if (this.step()) continue;
+      if (this.step()) {
+        // A device that always has work (a flood of requests, a DMA engine repeating a transfer)
+        // still lets its message loop run now and then, so the control plane keeps answering.
+        if (performance.now() - busySince > YIELD_AFTER_MS) {
+          await new Promise<void>((resolve) => setImmediate(resolve));
+          busySince = performance.now();
+        }
+        continue;
+      }
+      busySince = performance.now();
       if (this.stopped) break;
       if (this.spinMs > 0 && this.spin(wake)) continue;
       Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.SLEEPING);
