@@ -83,3 +83,34 @@ describe('viommu replay', () => {
     expect((await viommu(['replay'])).code).toBe(2);
   });
 });
+
+describe('viommu info and help', () => {
+  it('info reads the live device: offered features, config and the MSI window from PROBE', async () => {
+    const { code, stdout } = await viommu(['info', '--json']);
+    expect(code).toBe(0);
+    const info = JSON.parse(stdout) as { device: { offeredFeatures: string[]; config: { pageSizeMask: string }; probeProperties: { subtype: string; start: string }[] }; formats: { guestFixture: string } };
+    expect(info.device.offeredFeatures).toEqual(expect.arrayContaining(['VERSION_1', 'MAP_UNMAP', 'PROBE', 'BYPASS_CONFIG']));
+    expect(info.device.offeredFeatures).not.toContain('BYPASS');
+    expect(info.device.config.pageSizeMask).toBe('0xfffffffffffff000');
+    expect(info.device.probeProperties).toEqual([expect.objectContaining({ subtype: 'MSI', start: '0xfee00000' })]);
+    expect(info.formats.guestFixture).toBe('viommu-guest-fixture/1');
+    const text = await viommu(['info']);
+    expect(text.code).toBe(0);
+    expect(text.stdout).toMatch(/^ {2}offeredFeatures: VERSION_1/m);
+  });
+
+  it('every command has --help; unknown commands and arguments exit 2 with one line', async () => {
+    for (const command of ['demo', 'replay', 'info']) {
+      const help = await viommu([command, '--help']);
+      expect(help.code, command).toBe(0);
+      expect(help.stdout).toMatch(new RegExp(`^viommu ${command}`));
+    }
+    const top = await viommu(['--help']);
+    expect(top.code).toBe(0);
+    expect(top.stdout).toMatch(/viommu replay/);
+    const unknown = await viommu(['frobnicate']);
+    expect(unknown.code).toBe(2);
+    expect(unknown.stderr.trim().split('\n')).toHaveLength(1);
+    expect((await viommu(['info', '--verbose'])).code).toBe(2);
+  });
+});

@@ -1,12 +1,14 @@
 #!/usr/bin/env node
 import { parseArgs, UsageError } from './args.js';
 import { runDemo } from './demo.js';
+import { runInfo } from './info.js';
 import { runReplay } from './replay.js';
 
 const HELP = `viommu — a virtio-iommu device model over an emulated iommufd, in Node.js workers
 
 Usage:
   viommu demo [--json]        run a scripted guest and narrate what happens
+  viommu info [--json]        features, config, formats and limits of the emulated IOMMU
   viommu replay [--json] [--record] [--transport mmio|pci] FILE...
                               replay guest fixtures against the device in its worker
   viommu --help               this text; every command also takes --help
@@ -19,6 +21,11 @@ const COMMAND_HELP: Record<string, string> = {
 
 Starts a machine (guest memory and device workers), drives it from a scripted guest driver and
 prints what happens at each step. --json prints one JSON document instead.`,
+  info: `viommu info [--json]
+
+Prints what the emulated IOMMU offers: the virtio-iommu features, config and PROBE properties
+(read from a live device model), the backend's page sizes and limits, the consumer devices and the
+fixture format versions. --json prints one JSON object.`,
   replay: `viommu replay [--json] [--record] [--transport mmio|pci] FILE...
 
 Replays guest fixtures (docs/fixtures.md): for each file a fresh machine, the virtio-iommu in its
@@ -46,6 +53,11 @@ export async function main(argv: readonly string[]): Promise<number> {
       const args = parseArgs(rest, { flags: ['--json'] });
       if (args.positionals.length > 0) throw new UsageError(`demo takes no arguments, got ${args.positionals[0]}`);
       return runDemo({ json: args.flags.has('--json') });
+    }
+    case 'info': {
+      const args = parseArgs(rest, { flags: ['--json'] });
+      if (args.positionals.length > 0) throw new UsageError(`info takes no arguments, got ${args.positionals[0]}`);
+      return runInfo({ json: args.flags.has('--json') });
     }
     case 'replay': {
       const args = parseArgs(rest, { flags: ['--json', '--record'], values: ['--transport'] });
