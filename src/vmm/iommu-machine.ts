@@ -56,6 +56,41 @@ function endpointSpec(decl: EndpointDeclaration): EndpointSpec {
   };
 }
 
+/** Checks every option on the caller's thread, so a mistake is one clear error, not a dead worker. */
+function validateOptions(o: IommuMachineOptions): void {
+  const fail = (what: string): never => {
+    throw new TypeError(`IommuMachine: ${what}`);
+  };
+  if (typeof o !== 'object' || o === null) fail('options must be an object');
+  if (!Number.isSafeInteger(o.memorySize) || o.memorySize < 1 << 20 || o.memorySize % 4096 !== 0) fail(`memorySize must be a multiple of 4096 of at least 1 MiB, got ${String(o.memorySize)}`);
+  if (o.transport !== 'mmio' && o.transport !== 'pci') fail(`transport must be 'mmio' or 'pci', got ${String(o.transport)}`);
+  if (!Array.isArray(o.endpoints)) fail('endpoints must be an array');
+  for (const [i, e] of o.endpoints.entries()) {
+    if (typeof e === 'number') continue;
+    if (typeof e !== 'object' || e === null) fail(`endpoints[${i}] must be an endpoint ID or an object with an id`);
+    if (e.kind !== undefined && e.kind !== 'test' && e.kind !== 'dma-engine') fail(`endpoints[${i}].kind must be 'test' or 'dma-engine', got ${String(e.kind)}`);
+    if (e.group !== undefined && typeof e.group !== 'string' && typeof e.group !== 'number') fail(`endpoints[${i}].group must be a string or a number`);
+    if (e.pasidCapable !== undefined && typeof e.pasidCapable !== 'boolean') fail(`endpoints[${i}].pasidCapable must be a boolean`);
+  }
+  const d = o.device ?? {};
+  if (d.bootBypass !== undefined && typeof d.bootBypass !== 'boolean') fail('device.bootBypass must be a boolean');
+  if (d.pageSizeMask !== undefined && (typeof d.pageSizeMask !== 'bigint' || d.pageSizeMask <= 0n || (d.pageSizeMask & 0xfffn) !== 0n)) {
+    fail('device.pageSizeMask must be a nonzero bigint with no bit below 4 KiB (the backend maps 4 KiB pages at least)');
+  }
+  if (d.inputRange !== undefined && (typeof d.inputRange[0] !== 'bigint' || typeof d.inputRange[1] !== 'bigint' || d.inputRange[0] > d.inputRange[1] || d.inputRange[0] < 0n || d.inputRange[1] > (1n << 64n) - 1n)) {
+    fail('device.inputRange must be [start, end] bigints in [0, 2^64) with start <= end');
+  }
+  if (d.domainRange !== undefined && !(Number.isInteger(d.domainRange[0]) && Number.isInteger(d.domainRange[1]) && d.domainRange[0] >= 0 && d.domainRange[0] <= d.domainRange[1] && d.domainRange[1] <= 0xffff_ffff)) {
+    fail('device.domainRange must be [start, end] u32 integers with start <= end');
+  }
+  if (d.probeSize !== undefined && (!Number.isInteger(d.probeSize) || d.probeSize < 0 || d.probeSize > 1 << 16 || d.probeSize % 4 !== 0)) fail('device.probeSize must be a multiple of 4 in [0, 65536]');
+  if (d.maxDomains !== undefined && (!Number.isInteger(d.maxDomains) || d.maxDomains < 1)) fail('device.maxDomains must be a positive integer');
+  if (d.maxPendingFaults !== undefined && (!Number.isInteger(d.maxPendingFaults) || d.maxPendingFaults < 1)) fail('device.maxPendingFaults must be a positive integer');
+  if (o.memlockLimitPages !== undefined && (!Number.isSafeInteger(o.memlockLimitPages) || o.memlockLimitPages < 0)) fail('memlockLimitPages must be a non-negative integer');
+  if (o.quiescenceTimeoutMs !== undefined && !(o.quiescenceTimeoutMs > 0)) fail('quiescenceTimeoutMs must be positive');
+  if (o.spareWorkerSlots !== undefined && (!Number.isInteger(o.spareWorkerSlots) || o.spareWorkerSlots < 0 || o.spareWorkerSlots > 1024)) fail('spareWorkerSlots must be an integer in [0, 1024]');
+}
+
 /** A test endpoint in its worker: DMA on command through the shared translation. */
 export class EndpointHandle {
   failure: DeviceWorkerError | undefined;
@@ -108,6 +143,7 @@ export class IommuMachine {
   ) {}
 
   static async create(options: IommuMachineOptions): Promise<IommuMachine> {
+    validateOptions(options);
     const specs = options.endpoints.map(endpointSpec);
     const ids = new Set(specs.map((s) => s.id));
     if (ids.size !== specs.length) throw new RangeError('endpoint IDs must be distinct');
