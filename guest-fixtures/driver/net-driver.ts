@@ -1,9 +1,10 @@
 import type { QueueMemory } from '../../src/memory/index.js';
 import type { InterruptWaiter } from '../../src/virtio/interrupt-waiter.js';
 import type { GuestAllocator } from './allocator.js';
-import { GuestDevice } from './guest-device.js';
+import { GuestDevice, GuestDeviceError } from './guest-device.js';
 import { readConfigBytes, readConfigConsistent, type DriverTransport } from './transport.js';
 import type { UsedBuffer } from './virtqueue.js';
+import { STATUS } from './virtio-driver.js';
 
 /*
  * A guest virtio-net driver (virtio 1.2 §5.1) for one queue pair, as a small kernel driver would
@@ -159,13 +160,28 @@ export class NetDriver {
 
   /** Waits for `count` transmit completions and frees their buffers. */
   waitTransmitted(count: number, timeoutMs = 5000): void {
+    this.acknowledge();
     for (const used of this.device.waitUsedMany(VIRTIO_NET.TX, count, timeoutMs)) this.release(used);
   }
 
   /** Waits for the next receive completion and frees its buffer (if the driver allocated it). */
   receive(timeoutMs = 5000): Received {
+    this.acknowledge();
     const used = this.device.waitUsed(VIRTIO_NET.RX, timeoutMs);
     return this.take(used);
+  }
+
+  /**
+   * Acknowledges pending interrupt causes before waiting, as an interrupt handler would have:
+   * both queues share one level-triggered cause, and a cause left set from a completion taken
+   * without waiting would swallow the next edge.
+   */
+  private acknowledge(): void {
+    const causes = this.device.transport.takeInterrupts();
+    if ((causes & 2) !== 0) {
+      const status = this.device.transport.getStatus();
+      if ((status & STATUS.DEVICE_NEEDS_RESET) !== 0) throw new GuestDeviceError('device needs reset', status);
+    }
   }
 
   /** A receive completion already published, or undefined. */

@@ -265,8 +265,10 @@ export class VirtioNetDevice implements VirtioDeviceModel {
       if (this.failed) return;
     }
     if (tx.broken !== null) return this.fail(env, 'transmit', tx.broken);
-    this.publish(env, NetQueue.TX);
+    // Received frames first: a driver waiting for them is woken by their interrupt, not by the
+    // transmit completion's (the interrupt status is one level both queues share on virtio-mmio).
     this.publish(env, NetQueue.RX);
+    if (!this.failed) this.publish(env, NetQueue.TX);
   }
 
   /** The frame a transmit chain carries, or undefined when it carries none we may send. */

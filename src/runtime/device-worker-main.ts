@@ -1,8 +1,14 @@
-import type { MessagePort } from 'node:worker_threads';
+import { threadId, type MessagePort } from 'node:worker_threads';
 import { LoopbackDevice } from '../devices/loopback.js';
+import { VirtioNetDevice } from '../devices/virtio-net.js';
+import { FaultProducer } from '../ioasid/fault-queue.js';
+import { QuiescenceWorker } from '../ioasid/quiescence.js';
+import { DeviceTableAttachments, Translator } from '../ioasid/translator.js';
 import { componentLogger } from '../log/pino.js';
 import type { Logger } from '../log/logger.js';
-import { GuestMemory } from '../memory/index.js';
+import { PhysicalDmaSpace, TranslatorDmaSpace, type TranslatingDmaSpace } from '../memory/dma-space.js';
+import { queueMemoryFor } from '../memory/iova-queue-memory.js';
+import { GuestMemory, type QueueMemory } from '../memory/index.js';
 import type { VirtioDeviceModel } from '../virtio/device.js';
 import { DeviceRunner, type RunnerTarget } from '../virtio/device-runner.js';
 import type { MailboxAccess } from '../virtio/mailbox.js';
@@ -10,14 +16,78 @@ import { MmioTransport } from '../virtio/mmio.js';
 import { PciTransport } from '../virtio/pci.js';
 import { ControlRequest, DeviceSignal, MailboxOp, SignalInterruptLine, WorkerState, postControl } from '../virtio/signals.js';
 import { exposeOn } from './comlink.js';
-import type { DeviceModelSpec, DeviceWorkerApi, DeviceWorkerStart, DeviceWorkerStats } from './device-worker-protocol.js';
+import type {
+  DeviceIommuSpec,
+  DeviceModelSpec,
+  DeviceWorkerApi,
+  DeviceWorkerStart,
+  DeviceWorkerStats,
+  VirtioNetSpecOptions,
+} from './device-worker-protocol.js';
+
+/** A device model as a worker hosts it, with what its transport and control plane need besides. */
+export interface HostedModel {
+  readonly model: VirtioDeviceModel;
+  /** The transport's queueMemory hook, for models that may see IOVAs. */
+  readonly queueMemory?: (negotiated: bigint) => QueueMemory;
+  /** The model's counters, for the control plane's stats(). */
+  readonly stats?: () => Record<string, number>;
+  /** Releases what the model holds in shared state (its quiescence slot). */
+  readonly close?: () => void;
+}
 
 /** Builds the device model a start message names. */
-export function createDeviceModel(spec: DeviceModelSpec): VirtioDeviceModel {
+export function hostDeviceModel(spec: DeviceModelSpec, memory: GuestMemory, log: Logger): HostedModel {
   switch (spec.kind) {
     case 'loopback':
-      return new LoopbackDevice(spec.options);
+      return { model: new LoopbackDevice(spec.options) };
+    case 'virtio-net':
+      return hostVirtioNet(spec.options ?? {}, memory, log);
   }
+}
+
+/**
+ * This worker's view of memory through the IOMMU: its own translator (IOTLB, quiescence slot,
+ * fault producer) over the context's shared tables, for one device-table row.
+ */
+export function iommuDmaSpace(spec: DeviceIommuSpec, memory: GuestMemory): { dma: TranslatorDmaSpace; quiescence: QuiescenceWorker } {
+  // Host configuration, not guest input: a bad one fails the worker's start.
+  if (!Number.isSafeInteger(spec.row) || spec.row < 0) throw new RangeError(`device-table row must be a non-negative integer, got ${spec.row}`);
+  if (!Number.isSafeInteger(spec.wakeIndex) || spec.wakeIndex < 0 || spec.wakeIndex >= spec.wake.byteLength / 4) {
+    throw new RangeError(`wake index ${spec.wakeIndex} is outside the wake buffer`);
+  }
+  const quiescence = QuiescenceWorker.register(spec.quiescence, threadId);
+  const translator = new Translator({
+    pool: spec.shared.pool.buffer,
+    attachments: new DeviceTableAttachments(spec.shared),
+    quiescence,
+    faults: new FaultProducer(spec.faults, new Int32Array(spec.wake), spec.wakeIndex),
+  });
+  return { dma: new TranslatorDmaSpace(translator, memory, spec.row, spec.pasid), quiescence };
+}
+
+function hostVirtioNet(options: VirtioNetSpecOptions, memory: GuestMemory, log: Logger): HostedModel {
+  let dma: TranslatingDmaSpace = new PhysicalDmaSpace(memory);
+  let close: (() => void) | undefined;
+  if (options.iommu !== undefined) {
+    const behind = iommuDmaSpace(options.iommu, memory);
+    dma = behind.dma;
+    close = () => behind.quiescence.unregister();
+  }
+  const device = new VirtioNetDevice({
+    dma,
+    behindIommu: options.iommu !== undefined,
+    log,
+    ...(options.mac !== undefined ? { mac: options.mac } : {}),
+    ...(options.queueSize !== undefined ? { queueSize: options.queueSize } : {}),
+    ...(options.rxBacklog !== undefined ? { rxBacklog: options.rxBacklog } : {}),
+  });
+  return {
+    model: device,
+    queueMemory: queueMemoryFor(dma),
+    stats: () => ({ ...device.stats() }),
+    ...(close !== undefined ? { close } : {}),
+  };
 }
 
 type Transport = MmioTransport | PciTransport;
@@ -63,10 +133,11 @@ export function runDeviceWorker(start: DeviceWorkerStart, port: MessagePort): vo
   const log = componentLogger('device', { device: start.name, transport: start.transport });
   const signals = new Int32Array(start.signals);
   const memory = GuestMemory.fromDescriptor(start.memory);
-  const model = createDeviceModel(start.model);
+  const hosted = hostDeviceModel(start.model, memory, log);
+  const model = hosted.model;
   const irq = new SignalInterruptLine(signals);
-  const transport: Transport =
-    start.transport === 'mmio' ? new MmioTransport(model, memory, { irq, log }) : new PciTransport(model, memory, { irq, log });
+  const options = { irq, log, ...(hosted.queueMemory !== undefined ? { queueMemory: hosted.queueMemory } : {}) };
+  const transport: Transport = start.transport === 'mmio' ? new MmioTransport(model, memory, options) : new PciTransport(model, memory, options);
   const runner = new DeviceRunner(start.signals, transportTarget(transport, log), {
     log,
     ...(start.maxSpinMicros !== undefined ? { maxSpinMicros: start.maxSpinMicros } : {}),
@@ -84,6 +155,7 @@ export function runDeviceWorker(start: DeviceWorkerStart, port: MessagePort): vo
         wakeups: Atomics.load(signals, DeviceSignal.STAT_WAKEUPS),
         status: transport.stats().status,
         transport: { ...transport.stats() },
+        ...(hosted.stats !== undefined ? { model: hosted.stats() } : {}),
       };
     },
     reset(): void {
@@ -93,6 +165,7 @@ export function runDeviceWorker(start: DeviceWorkerStart, port: MessagePort): vo
     async stop(): Promise<void> {
       postControl(signals, ControlRequest.STOP);
       await running;
+      hosted.close?.();
     },
   };
   exposeOn(api, port);

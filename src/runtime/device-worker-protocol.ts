@@ -1,10 +1,46 @@
 import type { GuestMemoryDescriptor } from '../memory/index.js';
 import type { LoopbackOptions } from '../devices/loopback.js';
+import type { SharedTranslation } from '../ioasid/index.js';
 
 export type TransportKind = 'mmio' | 'pci';
 
+/**
+ * What a device worker needs to translate its DMA through a context's shared page tables, as the
+ * endpoint worker does: the context's shared buffers and the device's row (Context.describeShared(),
+ * Context.deviceRow()), the quiescence block every DMA is bracketed in (strict unmap), and the fault
+ * ring with the word to bump when a record lands (the iommu worker's DeviceSignal.WAKE).
+ */
+export interface DeviceIommuSpec {
+  readonly shared: SharedTranslation;
+  /** The device's row in the context's device table. */
+  readonly row: number;
+  /** PASID its DMA carries; none by default. */
+  readonly pasid?: number;
+  readonly quiescence: SharedArrayBuffer;
+  readonly faults: SharedArrayBuffer;
+  /** Int32 words; `wakeIndex` is bumped and notified when a fault is appended. */
+  readonly wake: SharedArrayBuffer;
+  readonly wakeIndex: number;
+}
+
+/** Options of the virtio-net device in a worker. */
+export interface VirtioNetSpecOptions {
+  /** Six bytes (default 52:54:00:12:34:56). */
+  readonly mac?: readonly number[];
+  readonly queueSize?: number;
+  /** Frames held while the receive queue is empty (default 64). */
+  readonly rxBacklog?: number;
+  /**
+   * The IOMMU in front of the device: ACCESS_PLATFORM is offered and required, and every ring and
+   * buffer address is an IOVA. Without it addresses are guest-physical and the bit is not offered.
+   */
+  readonly iommu?: DeviceIommuSpec;
+}
+
 /** Which device model a device worker hosts. Plain data: it crosses the thread boundary. */
-export type DeviceModelSpec = { readonly kind: 'loopback'; readonly options?: LoopbackOptions };
+export type DeviceModelSpec =
+  | { readonly kind: 'loopback'; readonly options?: LoopbackOptions }
+  | { readonly kind: 'virtio-net'; readonly options?: VirtioNetSpecOptions };
 
 /** The one start message a device worker receives (as workerData). */
 export interface DeviceWorkerStart {
@@ -24,6 +60,8 @@ export interface DeviceWorkerStats {
   readonly wakeups: number;
   readonly status: number;
   readonly transport: Record<string, unknown>;
+  /** The model's own counters, for models that keep any (virtio-net: VirtioNetStats). */
+  readonly model?: Record<string, number>;
 }
 
 /** The control plane of a device worker (comlink). Never used per request. */
