@@ -12,6 +12,7 @@ import type { TransportKind } from '../src/runtime/device-worker-protocol.js';
 import type { MmioBus, PciBus } from '../src/virtio/bus.js';
 import { DeviceStatus, FeatureBit, featureMask } from '../src/virtio/constants.js';
 import { DeviceHandle } from '../src/vmm/device-handle.js';
+import { fuzzParams } from './support/fuzz.js';
 
 const VERSION_1 = featureMask(FeatureBit.VERSION_1);
 const EVENT_IDX = featureMask(FeatureBit.EVENT_IDX);
@@ -80,15 +81,16 @@ describe.each(['mmio', 'pci'] as const)('loopback device in a worker over virtio
     expect(m.transport.deviceType).toBe(LOOPBACK_DEVICE_TYPE);
     const dev = open(m);
     expect(dev.negotiated).toBe(ALL);
+    const params = fuzzParams(kind === 'mmio' ? 1 : 2, 60);
     fc.assert(
       fc.property(fc.uint8Array({ minLength: 1, maxLength: 3000 }), fc.boolean(), fc.integer({ min: 1, max: 5 }), (payload, indirect, pieces) => {
         expect(echo(m, dev, payload, indirect, pieces)).toEqual(payload);
       }),
-      { seed: kind === 'mmio' ? 1 : 2, numRuns: 60 },
+      params,
     );
     const stats = await m.handle.control.stats();
     expect(stats.doorbells).toBeGreaterThan(0);
-    expect(m.transport.configRead(LoopbackConfig.served.offset, 4)).toBe(60);
+    expect(m.transport.configRead(LoopbackConfig.served.offset, 4)).toBe(params.numRuns);
   });
 
   it('carries config writes across threads', async () => {
@@ -197,7 +199,7 @@ describe('hostile register traffic across threads', () => {
           }
         }
       }),
-      { seed: 7, numRuns: 25 },
+      fuzzParams(7, 25),
     );
     expect(m.handle.failure).toBeUndefined();
     const stats = await m.handle.control.stats();

@@ -17,6 +17,7 @@ import {
 import { workerUrl } from '../src/runtime/worker-url.js';
 import type { TranslateWorkerStart } from '../src/runtime/translate-worker-protocol.js';
 import { DeviceSignal, createSignalBuffer } from '../src/virtio/signals.js';
+import { fuzzParams } from './support/fuzz.js';
 
 function drainAll(consumer: FaultConsumer): FaultRecord[] {
   const out: FaultRecord[] = [];
@@ -135,7 +136,7 @@ describe('fault queue: one thread', () => {
         expect(wrong).toBe(0);
         expect(consumer.stats().dropped).toBe(dropped);
       }),
-      { seed: 0xfa017, numRuns: 200 },
+      fuzzParams(0xfa017, 200),
     );
   });
 });

@@ -3,6 +3,7 @@ import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { parseGuestFixture } from '../src/replay/guest-fixture.js';
 import { FixtureError } from '../src/replay/values.js';
+import { fuzzParams } from './support/fuzz.js';
 
 const minimal = { format: 'viommu-guest-fixture/1', name: 't', endpoints: [8], steps: [] as unknown[] };
 
@@ -85,7 +86,7 @@ describe('guest fixture parser', () => {
           expect(err).toBeInstanceOf(FixtureError);
         }
       }),
-      { seed: 42, numRuns: 1000 },
+      fuzzParams(42, 1000),
     );
   });
 });

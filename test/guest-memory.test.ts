@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { GuestMemory, GuestMemoryError } from '../src/memory/index.js';
+import { fuzzParams } from './support/fuzz.js';
 
 describe('GuestMemory', () => {
   it('reads and writes little-endian values at every width', () => {
@@ -104,7 +105,7 @@ describe('GuestMemory', () => {
           }
         },
       ),
-      { seed: 0x5eed, numRuns: 300 },
+      fuzzParams(0x5eed, 300),
     );
   });
 });

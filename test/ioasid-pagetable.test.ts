@@ -13,6 +13,7 @@ import {
   headerGeneration,
   walk,
 } from '../src/pagetable/index.js';
+import { fuzzParams } from './support/fuzz.js';
 
 const RW = EntryFlag.READ | EntryFlag.WRITE;
 const PAGES_2M = LEVEL_PAGES[1]!;
@@ -307,7 +308,7 @@ describe('radix page table: model property', () => {
           expect(seen).toEqual([...areas].sort((a, b) => a[0] - b[0]));
         },
       ),
-      { seed: 0x5eed, numRuns: 150 },
+      fuzzParams(0x5eed, 150),
     );
   });
 });

@@ -12,6 +12,7 @@ import type { MmioBus, PciBus } from '../src/virtio/bus.js';
 import { WorkerState, DeviceSignal } from '../src/virtio/signals.js';
 import { endpointDeviceName, IommuMachine } from '../src/vmm/iommu-machine.js';
 import { type MFeatureName, type ModelOutcome, VirtioIommuModel } from './models/virtio-iommu-model.js';
+import { fuzzParams } from './support/fuzz.js';
 
 // Random request streams, valid and malformed, through the real request queue: every request
 // must get the reference model's outcome, and the backend's state afterwards (which endpoint
@@ -231,7 +232,7 @@ describe('virtio-iommu requests against the reference model', () => {
         const m = new LocalIommuMachine({ memorySize: MEMORY, endpoints: ENDPOINTS, driverFeatures: features as IommuFeatureName[], device: { ...DEVICE, bootBypass } });
         await runAgainstModel({ driver: m.driver, inspect: async () => m.host.inspect() }, modelFor(features, bootBypass), ops);
       }),
-      { numRuns: 500 },
+      fuzzParams(undefined, 500),
     );
   });
 
@@ -260,7 +261,7 @@ describe('virtio-iommu requests against the reference model', () => {
           });
           await runAgainstModel({ driver, inspect: () => machine.iommu.control.inspect() }, modelFor(features, true), ops);
         }),
-        { numRuns: 150 },
+        fuzzParams(undefined, 150),
       );
       const state = Atomics.load(new Int32Array(machine.iommu.signals), DeviceSignal.WORKER_STATE);
       expect([WorkerState.RUNNING, WorkerState.SLEEPING]).toContain(state);

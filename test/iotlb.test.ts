@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { Iotlb } from '../src/ioasid/iotlb.js';
 import { EntryFlag, HeaderSlot, IoPageTable, LEVEL_PAGES, TablePool, TableReader, emptyLeafInfo, walk, type LeafInfo } from '../src/pagetable/index.js';
+import { fuzzParams } from './support/fuzz.js';
 
 const RW = EntryFlag.READ | EntryFlag.WRITE;
 const PAGES_2M = LEVEL_PAGES[1]!;
@@ -257,7 +258,7 @@ describe('IOTLB property: cached answers equal a fresh walk', () => {
         }
         expect(mismatches).toBe(0);
       }),
-      { seed: 0x10718, numRuns: 150 },
+      fuzzParams(0x10718, 150),
     );
   });
 });

@@ -15,6 +15,7 @@ import {
 } from '../src/virtio/split-queue.js';
 import { GuestAllocator } from '../guest-fixtures/driver/allocator.js';
 import { DriverQueue, setAvailIdx, writeAvailEntry, writeDescriptor } from '../guest-fixtures/driver/virtqueue.js';
+import { fuzzParams } from './support/fuzz.js';
 
 describe('split queue round trip (driver fixture -> device -> driver)', () => {
   const bufferArb = fc.record({
@@ -139,7 +140,7 @@ describe('split queue round trip (driver fixture -> device -> driver)', () => {
           expect(device.state()).toEqual({ nextAvail: buffers.length, nextUsed: buffers.length, broken: null });
         },
       ),
-      { seed: 0x51a7, numRuns: 200 },
+      fuzzParams(0x51a7, 200),
     );
   });
 });
@@ -427,7 +428,7 @@ describe('split queue against hostile ring contents', () => {
         }
         if (queue.broken?.rule === 'queue-config') expect(spy.accesses).toHaveLength(0);
       }),
-      { seed: 0xbadc0de, numRuns: 400 },
+      fuzzParams(0xbadc0de, 400),
     );
   });
 });

@@ -7,6 +7,7 @@ import { IommufdHost } from '../src/ioasid/host.js';
 import { HwptAllocFlag, IoasMapFlag } from '../src/ioasid/uapi.js';
 import { GuestMemory } from '../src/memory/index.js';
 import { EntryFlag, IoPageTable, LEVEL_PAGES, PAGE_SIZE, TablePool } from '../src/pagetable/index.js';
+import { fuzzParams } from './support/fuzz.js';
 
 const RW = EntryFlag.READ | EntryFlag.WRITE;
 const { READ, WRITE, EXEC } = FaultAccess;
@@ -270,7 +271,7 @@ describe('translator: property against a direct page walk', () => {
           expect(wrong).toBe(0);
         },
       ),
-      { seed: 0x7a45, numRuns: 100 },
+      fuzzParams(0x7a45, 100),
     );
   });
 });

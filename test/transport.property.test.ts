@@ -12,6 +12,7 @@ import { PciDriverTransport } from '../guest-fixtures/driver/pci.js';
 import type { DriverTransport } from '../guest-fixtures/driver/transport.js';
 import { F_VERSION_1, driverOk, initializeDevice, setupQueue } from '../guest-fixtures/driver/virtio-driver.js';
 import { EchoDevice, RecordingIrq, TestRing, text } from './transport-fixtures.js';
+import { fuzzParams } from './support/fuzz.js';
 
 const RING_BASE = 0x10000;
 const BAR0_ADDRESS = 0xfe00_0000;
@@ -394,7 +395,7 @@ function runSequences(kind: 'mmio' | 'pci', seed: number): void {
         checkInvariants(h);
       }
     }),
-    { seed, numRuns: 150 },
+    fuzzParams(seed, 150),
   );
 }
 
@@ -419,7 +420,7 @@ describe('transport register fuzzing', () => {
         activations += h.device.count('activate');
         notifies += h.device.count('notify');
       }),
-      { seed: 0x5eed_0003, numRuns: 100 },
+      fuzzParams(0x5eed_0003, 100),
     );
     expect(activations).toBeGreaterThan(40);
     expect(notifies).toBeGreaterThan(20);

@@ -21,6 +21,7 @@ import {
   type X86PageSize,
   type X86Permissions,
 } from '../guest-fixtures/pagetable/x86-64-builder.js';
+import { fuzzParams } from './support/fuzz.js';
 
 /*
  * The walker against a reference written the obvious way: 64-bit entries as BigInts, masks built bit
@@ -318,7 +319,7 @@ describe('x86-64 walker against a reference (property)', () => {
         for (let i = 0; i < actual.length && wrong < 0; i++) if (actual[i] !== wanted[i]) wrong = i & ~7;
         if (wrong >= 0) expect(memory.readU64(wrong), `memory word at 0x${wrong.toString(16)}`).toBe(expected.readU64(wrong));
       }),
-      { seed: 0x86_64, numRuns: 150 },
+      fuzzParams(0x86_64, 150),
     );
   });
 });
@@ -433,7 +434,7 @@ describe('x86-64 builder against a model (property)', () => {
           expect(out.gpa).toBe(l.gpa + Number(l.size) - 0x1000);
         }
       }),
-      { seed: 0xb01d, numRuns: 200 },
+      fuzzParams(0xb01d, 200),
     );
   });
 });
