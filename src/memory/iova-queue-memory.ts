@@ -25,7 +25,11 @@ export class IovaFaultError extends Error {
  * part of the caller's, when the caller has one open).
  *
  * A fault throws IovaFaultError after the translator has recorded it; SplitQueue catches it and
- * marks the queue broken ('memory-fault'), and the device model then sets DEVICE_NEEDS_RESET.
+ * marks the queue broken ('memory-fault'), and the device model then sets DEVICE_NEEDS_RESET: a
+ * device that cannot reach its rings cannot even hand buffers back, which is the case virtio 1.2
+ * §2.1.2 covers ("The device SHOULD set DEVICE_NEEDS_RESET when it enters an error state that a
+ * reset is needed"). Buffers are another matter: a device reads and writes them through its
+ * DmaSpace, sees a fault as a false return, and can give the buffer back unwritten.
  *
  * contains() only says whether the range is one an IOVA can name: whether it is mapped can change
  * between any two accesses (the guest's IOMMU driver unmaps whenever it likes), so that is learnt
