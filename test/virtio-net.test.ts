@@ -20,6 +20,7 @@ import { GuestMemory } from '../src/memory/index.js';
 import { DeviceType, FeatureBit, featureMask } from '../src/virtio/constants.js';
 import { MmioTransport } from '../src/virtio/mmio.js';
 import { PciTransport } from '../src/virtio/pci.js';
+import { fuzzParams } from './support/fuzz.js';
 import type { VirtioTransportCore } from '../src/virtio/transport.js';
 
 const PAGE = 4096;
@@ -541,7 +542,7 @@ describe('virtio-net property: hostile chains and IOVA holes', () => {
           expect(stats.rxPackets + stats.dropsNoRxBuffer + stats.dropsRxTooSmall + stats.rxFaults + stats.backlog).toBe(stats.txPackets);
         },
       ),
-      { seed: 20240611, numRuns: 60 },
+      fuzzParams(20240611, 60),
     );
   });
 });
