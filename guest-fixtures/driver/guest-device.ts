@@ -99,6 +99,7 @@ export class GuestDevice {
   waitUsed(index: number, timeoutMs = 5000): UsedBuffer {
     const q = this.queue(index);
     const deadline = Date.now() + timeoutMs;
+    let acked = false;
     for (;;) {
       const seen = this.interrupts?.count;
       const used = q.popUsed();
@@ -110,8 +111,17 @@ export class GuestDevice {
         throw new GuestDeviceError(`no used buffer on queue ${index} within ${timeoutMs} ms`, status);
       }
       if (this.interrupts !== undefined && seen !== undefined) {
-        // Interrupt causes are levels: a cause left set raises no new edge. So the handler reads and
-        // acknowledges them after every wake, and also after a quiet spell in case one was missed.
+        // Interrupt causes are levels: a cause left set raises no new edge. So before sleeping the
+        // handler acknowledges what is pending (a completion found without waiting left it set),
+        // looks once more, and only then waits for the next edge.
+        if (this.interrupts.status !== 0 && !acked) {
+          acked = true;
+          if (this.transport.takeInterrupts() & 2 && this.transport.getStatus() & STATUS.DEVICE_NEEDS_RESET) {
+            throw new GuestDeviceError('device needs reset', this.transport.getStatus());
+          }
+          continue;
+        }
+        acked = false;
         this.interrupts.wait(seen, Math.min(left, 100));
         const causes = this.transport.takeInterrupts();
         if (causes & 2) {
