@@ -12,7 +12,7 @@ import type { MmioBus, PciBus } from '../src/virtio/bus.js';
 import { WorkerState, DeviceSignal } from '../src/virtio/signals.js';
 import { endpointDeviceName, IommuMachine } from '../src/vmm/iommu-machine.js';
 import { type MFeatureName, type ModelOutcome, VirtioIommuModel } from './models/virtio-iommu-model.js';
-import { fuzzParams } from './support/fuzz.js';
+import { FUZZ_SCALE, fuzzParams } from './support/fuzz.js';
 
 // Random request streams, valid and malformed, through the real request queue: every request
 // must get the reference model's outcome, and the backend's state afterwards (which endpoint
@@ -147,6 +147,12 @@ function hexBytes(b: Uint8Array): string {
   return Buffer.from(b).toString('hex');
 }
 
+/** Requests sent through the queue by this file (reported by `npm run fuzz`). */
+let requestsSent = 0;
+afterAll(() => {
+  if (FUZZ_SCALE > 1) process.stderr.write(`fuzz: ${requestsSent} requests checked against the model\n`);
+});
+
 /** Runs the ops through the rig's driver; throws at the first divergence from the model. */
 async function runAgainstModel(rig: Rig, model: VirtioIommuModel, ops: readonly Op[]): Promise<void> {
   for (const op of ops) {
@@ -156,6 +162,7 @@ async function runAgainstModel(rig: Rig, model: VirtioIommuModel, ops: readonly 
       continue;
     }
     const results = rig.driver.batch(op.batch);
+    requestsSent += op.batch.length;
     op.batch.forEach((req, i) => {
       const want = model.apply(req.readable, req.writable);
       const got = results[i]!.status;
