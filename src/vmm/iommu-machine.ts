@@ -4,24 +4,33 @@ import { X86_MSI_WINDOW } from '../ioasid/index.js';
 import { createQuiescenceBuffer } from '../ioasid/quiescence.js';
 import { GuestMemory } from '../memory/index.js';
 import { releaseRemote, wrapPort, type Remote } from '../runtime/comlink.js';
-import type { TransportKind } from '../runtime/device-worker-protocol.js';
+import type { DeviceIommuSpec, TransportKind } from '../runtime/device-worker-protocol.js';
 import type { DmaEngineWorkerApi, DmaEngineWorkerStart } from '../runtime/dma-engine-protocol.js';
 import type { DmaRequest, DmaResult, EndpointWorkerApi, EndpointWorkerStart } from '../runtime/endpoint-worker-protocol.js';
 import type { EndpointSpec, IommuWorkerApi, IommuWorkerStart } from '../runtime/iommu-worker-protocol.js';
 import { workerUrl } from '../runtime/worker-url.js';
-import { createSignalBuffer } from '../virtio/signals.js';
+import { DeviceSignal, createSignalBuffer } from '../virtio/signals.js';
 import { DeviceHandle, DeviceWorkerError } from './device-handle.js';
 
 /**
  * What sits behind an endpoint: a test endpoint (DMA on command from the host, for tests and
- * replay) or a DMA engine (a VFIO-style PCI function the guest programs itself).
+ * replay), a DMA engine (a VFIO-style PCI function the guest programs itself) or a virtio-net
+ * device (the vDPA-style consumer: ACCESS_PLATFORM, every ring and buffer address an IOVA).
  */
-export type EndpointKind = 'test' | 'dma-engine';
+export type EndpointKind = 'test' | 'dma-engine' | 'virtio-net';
 
 /** An endpoint as the embedder declares it: just its ID (a test endpoint), or its ID with details. */
 export type EndpointDeclaration =
   | number
-  | (Partial<Omit<EndpointSpec, 'id'>> & { readonly id: number; readonly kind?: EndpointKind; readonly pasidCapable?: boolean });
+  | (Partial<Omit<EndpointSpec, 'id'>> & {
+      readonly id: number;
+      readonly kind?: EndpointKind;
+      readonly pasidCapable?: boolean;
+      /** virtio-net: the transport it sits behind (default: the machine's). */
+      readonly transport?: TransportKind;
+      /** virtio-net: its MAC address (six bytes). */
+      readonly mac?: readonly number[];
+    });
 
 export interface IommuMachineOptions {
   /** Guest RAM at GPA 0, in bytes (a multiple of 4 KiB). */
@@ -68,7 +77,13 @@ function validateOptions(o: IommuMachineOptions): void {
   for (const [i, e] of o.endpoints.entries()) {
     if (typeof e === 'number') continue;
     if (typeof e !== 'object' || e === null) fail(`endpoints[${i}] must be an endpoint ID or an object with an id`);
-    if (e.kind !== undefined && e.kind !== 'test' && e.kind !== 'dma-engine') fail(`endpoints[${i}].kind must be 'test' or 'dma-engine', got ${String(e.kind)}`);
+    if (e.kind !== undefined && e.kind !== 'test' && e.kind !== 'dma-engine' && e.kind !== 'virtio-net') {
+      fail(`endpoints[${i}].kind must be 'test', 'dma-engine' or 'virtio-net', got ${String(e.kind)}`);
+    }
+    if (e.transport !== undefined && e.transport !== 'mmio' && e.transport !== 'pci') fail(`endpoints[${i}].transport must be 'mmio' or 'pci'`);
+    if (e.mac !== undefined && (!Array.isArray(e.mac) || e.mac.length !== 6 || e.mac.some((b) => !Number.isInteger(b) || b < 0 || b > 255))) {
+      fail(`endpoints[${i}].mac must be six bytes`);
+    }
     if (e.group !== undefined && typeof e.group !== 'string' && typeof e.group !== 'number') fail(`endpoints[${i}].group must be a string or a number`);
     if (e.pasidCapable !== undefined && typeof e.pasidCapable !== 'boolean') fail(`endpoints[${i}].pasidCapable must be a boolean`);
   }
@@ -140,6 +155,8 @@ export class IommuMachine {
     readonly endpoints: ReadonlyMap<number, EndpointHandle>,
     /** DMA-engine functions by endpoint ID; the guest reaches each through its `bus`. */
     readonly dmaEngines: ReadonlyMap<number, DeviceHandle<DmaEngineWorkerApi>>,
+    /** virtio-net devices by endpoint ID, each behind its own transport. */
+    readonly netDevices: ReadonlyMap<number, DeviceHandle>,
   ) {}
 
   static async create(options: IommuMachineOptions): Promise<IommuMachine> {
@@ -172,6 +189,7 @@ export class IommuMachine {
     });
     const endpoints = new Map<number, EndpointHandle>();
     const dmaEngines = new Map<number, DeviceHandle<DmaEngineWorkerApi>>();
+    const netDevices = new Map<number, DeviceHandle>();
     try {
       for (const [i, spec] of specs.entries()) {
         const t = await iommu.control.endpointTranslation(spec.id);
@@ -188,6 +206,21 @@ export class IommuMachine {
           dmaEngines.set(
             spec.id,
             await DeviceHandle.launch<DmaEngineWorkerApi, DmaEngineWorkerStart>({ entry: 'dma-engine-worker', name: spec.device, transport: 'pci', start: engineStart, queues: 0 }),
+          );
+          continue;
+        }
+        if (kind === 'virtio-net') {
+          const net = typeof decl === 'number' ? undefined : decl;
+          const iommuSpec: DeviceIommuSpec = { shared: t.shared, row: t.row, quiescence, faults, wake: start.signals, wakeIndex: DeviceSignal.WAKE };
+          netDevices.set(
+            spec.id,
+            await DeviceHandle.spawn({
+              name: spec.device,
+              model: { kind: 'virtio-net', options: { iommu: iommuSpec, ...(net?.mac !== undefined ? { mac: net.mac } : {}) } },
+              transport: net?.transport ?? options.transport,
+              memory,
+              queues: 2,
+            }),
           );
           continue;
         }
@@ -212,10 +245,11 @@ export class IommuMachine {
     } catch (err) {
       await Promise.all([...endpoints.values()].map((e) => e.close()));
       await Promise.all([...dmaEngines.values()].map((e) => e.close()));
+      await Promise.all([...netDevices.values()].map((e) => e.close()));
       await iommu.close();
       throw err;
     }
-    return new IommuMachine(memory, options.transport, iommu, endpoints, dmaEngines);
+    return new IommuMachine(memory, options.transport, iommu, endpoints, dmaEngines, netDevices);
   }
 
   /** A DMA by the endpoint's device, translated in its worker. */
@@ -230,6 +264,7 @@ export class IommuMachine {
     this.closed = true;
     await Promise.all([...this.endpoints.values()].map((e) => e.close()));
     await Promise.all([...this.dmaEngines.values()].map((e) => e.close()));
+    await Promise.all([...this.netDevices.values()].map((e) => e.close()));
     await this.iommu.close();
   }
 }
