@@ -2,6 +2,8 @@ import { GuestAllocator } from '../../guest-fixtures/driver/allocator.js';
 import { DmaEngineDriver, type DmaEngineResult } from '../../guest-fixtures/driver/dma-engine-driver.js';
 import { IommuGuestDriver } from '../../guest-fixtures/driver/iommu-driver.js';
 import { encodeAttach, encodeMap, encodeProbe, encodeUnmap, parseProbeProperties, type DecodedFault, type EncodedRequest } from '../../guest-fixtures/driver/iommu-requests.js';
+import { GuestDmaView } from '../../guest-fixtures/driver/dma-view.js';
+import { NetDriver, VIRTIO_NET } from '../../guest-fixtures/driver/net-driver.js';
 import { PciDriverTransport } from '../../guest-fixtures/driver/pci.js';
 import type { HostSnapshot } from '../ioasid/index.js';
 import { FaultFlag, MapFlag, STATUS_NAMES } from '../iommu/layout.js';
@@ -12,6 +14,9 @@ import { Narrative } from './narrative.js';
 
 const MEMORY = 64 << 20;
 const ENGINE = 0x10;
+const NET = 0x18;
+/** Where the guest puts the net device's rings and buffers: an IOVA window onto guest pages. */
+const NET_ARENA = { iova: 0x7000_0000, gpa: 0x40_0000, size: 1 << 20 };
 const DOMAIN = 1;
 const SRC_GPA = 0x10_0000;
 const DST_GPA = 0x20_0000;
@@ -47,19 +52,27 @@ function describeBackend(s: HostSnapshot): string[] {
 
 /**
  * `npm start`: a scripted guest walks through the whole story on a machine of workers — the
- * virtio-iommu behind virtio-pci and a VFIO-style DMA engine behind it — and the narrative says
- * what the guest asked, what the backend did, and what the device saw.
+ * virtio-iommu behind virtio-pci, a VFIO-style DMA engine and a vDPA-style virtio-net behind it —
+ * and the narrative says what the guest asked, what the backend did, and what the devices saw.
  */
 export async function runDemo(options: { json: boolean }): Promise<number> {
   const story = new Narrative(options.json);
   const started = performance.now();
-  const machine = await IommuMachine.create({ memorySize: MEMORY, transport: 'pci', endpoints: [{ id: ENGINE, kind: 'dma-engine', group: 'card0' }] });
+  const machine = await IommuMachine.create({
+    memorySize: MEMORY,
+    transport: 'pci',
+    endpoints: [
+      { id: ENGINE, kind: 'dma-engine', group: 'card0' },
+      { id: NET, kind: 'virtio-net' },
+    ],
+  });
   try {
     const { memory, iommu } = machine;
     story.section('machine');
     story.say(`guest memory: ${MEMORY >> 20} MiB at GPA 0, one SharedArrayBuffer shared by every worker`);
     story.say('worker 1: virtio-iommu (virtio-pci) and the iommufd-style backend, sole writer of the page tables');
-    story.say(`worker 2: DMA engine, endpoint ${hex(ENGINE)}, walks its HWPT's page tables itself`);
+    story.say(`worker 2: DMA engine (VFIO-style), endpoint ${hex(ENGINE)}, walks its HWPT's page tables itself`);
+    story.say(`worker 3: virtio-net (vDPA-style), endpoint ${hex(NET)}, every ring and buffer address an IOVA`);
     const arena = driverArena(MEMORY);
     const allocator = new GuestAllocator(arena.base, arena.size);
     const guest = IommuGuestDriver.open({
@@ -104,15 +117,44 @@ export async function runDemo(options: { json: boolean }): Promise<number> {
     }
     request(`ATTACH endpoint ${hex(ENGINE)} to domain ${DOMAIN}`, encodeAttach(DOMAIN, ENGINE));
     story.say('backend: ioasAlloc -> IOAS, hwptAlloc(paging) -> HWPT, deviceAttach(device, HWPT)');
+    request(`ATTACH endpoint ${hex(NET)} to domain ${DOMAIN}`, encodeAttach(DOMAIN, NET));
+    story.say('backend: deviceAttach(device, the same HWPT): one I/O address space, one page table');
+    request(
+      `MAP ${hex(NET_ARENA.iova)} -> GPA ${hex(NET_ARENA.gpa)} (${NET_ARENA.size >> 10} KiB for the net device's rings and buffers)`,
+      encodeMap(DOMAIN, BigInt(NET_ARENA.iova), BigInt(NET_ARENA.iova + NET_ARENA.size - 1), BigInt(NET_ARENA.gpa), MapFlag.READ | MapFlag.WRITE),
+    );
+    const view = new GuestDmaView(memory);
+    view.map(NET_ARENA.iova, NET_ARENA.gpa, NET_ARENA.size);
+    const netHandle = machine.netDevices.get(NET)!;
+    const net = NetDriver.open({
+      transport: new PciDriverTransport(netHandle.bus as PciBus, { bar0Address: 0xe100_0000 }),
+      memory: view,
+      allocator: new GuestAllocator(NET_ARENA.iova, NET_ARENA.size),
+      interrupts: netHandle.interrupts,
+      queueSize: 64,
+    });
+    story.say(`guest: virtio-net up, ACCESS_PLATFORM ${net.accessPlatform ? 'negotiated' : 'NOT negotiated'}, rings at IOVA ${hex(NET_ARENA.iova)}`);
     for (const line of describeBackend(await iommu.control.inspect())) story.say(`backend: ${line}`);
 
     story.section('buffers mapped once');
     request(`MAP ${hex(SRC_IOVA)} -> GPA ${hex(SRC_GPA)} (${LENGTH} bytes, read)`, encodeMap(DOMAIN, SRC_IOVA, SRC_IOVA + BigInt(LENGTH - 1), BigInt(SRC_GPA), MapFlag.READ));
     request(`MAP ${hex(DST_IOVA)} -> GPA ${hex(DST_GPA)} (${LENGTH} bytes, read/write)`, encodeMap(DOMAIN, DST_IOVA, DST_IOVA + BigInt(LENGTH - 1), BigInt(DST_GPA), MapFlag.READ | MapFlag.WRITE));
     memory.fill(DST_GPA, LENGTH, 0);
+    // The source holds a network packet: a virtio-net header and an Ethernet frame to our own MAC.
+    const frame = payload.slice(0, 1200);
+    frame.set(net.mac() ?? new Uint8Array(6), 0);
+    const packet = new Uint8Array(VIRTIO_NET.HDR_SIZE + frame.length);
+    packet.set(frame, VIRTIO_NET.HDR_SIZE);
+    memory.write(SRC_GPA, packet);
     story.say(`engine: copy IOVA ${hex(SRC_IOVA)} -> ${hex(DST_IOVA)}: ${describeEngine(engine.copy(SRC_IOVA, DST_IOVA, LENGTH))}`);
-    const same = memory.view(DST_GPA, LENGTH).every((b, i) => b === payload[i]);
+    const same = memory.view(DST_GPA, packet.length).every((b, i) => b === packet[i]);
     story.say(`guest: destination buffer ${same ? 'matches' : 'DOES NOT match'} the source, byte for byte`);
+    net.postReceiveBuffers(2);
+    net.device.submit(VIRTIO_NET.TX, { readable: [{ addr: Number(DST_IOVA), len: packet.length }], writable: [] }, { token: { addr: Number(DST_IOVA), size: 0 } });
+    const back = net.receive();
+    net.waitTransmitted(1);
+    const looped = back.kind === 'packet' && back.frame.length === frame.length && back.frame.every((b, i) => b === frame[i]);
+    story.say(`net: sent ${frame.length} bytes straight from IOVA ${hex(DST_IOVA)} (the engine's output) and received them back: ${looped ? 'identical' : 'DIFFERENT'}`);
     // The same guest page mapped again, elsewhere: it is pinned and counted once.
     request(`MAP ${hex(DST_IOVA + 0x10_0000n)} -> the same GPA ${hex(DST_GPA)} again`, encodeMap(DOMAIN, DST_IOVA + 0x10_0000n, DST_IOVA + 0x10_0000n + BigInt(LENGTH - 1), BigInt(DST_GPA), MapFlag.READ));
     for (const line of describeBackend(await iommu.control.inspect())) story.say(`backend: ${line}`);
@@ -125,6 +167,11 @@ export async function runDemo(options: { json: boolean }): Promise<number> {
     request(`UNMAP ${hex(DST_IOVA)}..${hex(DST_IOVA + BigInt(LENGTH - 1))}`, encodeUnmap(DOMAIN, DST_IOVA, DST_IOVA + BigInt(LENGTH - 1)));
     story.say('backend: ioasUnmap, then waited until no device worker was inside a DMA that began before it (strict unmap)');
     story.say(`engine: copy to the unmapped buffer: ${describeEngine(engine.copy(SRC_IOVA, DST_IOVA, LENGTH))}`);
+    story.say(`event queue: ${describeFault(await fault())}`);
+    net.device.submit(VIRTIO_NET.TX, { readable: [{ addr: Number(DST_IOVA), len: 200 }], writable: [] }, { token: { addr: Number(DST_IOVA), size: 0 } });
+    net.waitTransmitted(1);
+    const netStats = (await netHandle.control.stats()).model ?? {};
+    story.say(`net: transmit from the unmapped buffer returned unsent (transmit faults: ${netStats.txFaults ?? 0})`);
     story.say(`event queue: ${describeFault(await fault())}`);
 
     story.section('nested translation');
@@ -141,10 +188,11 @@ export async function runDemo(options: { json: boolean }): Promise<number> {
       engineCommands: engineStats.engine.commands,
       engineFaults: engineStats.engine.faults,
       engineIotlb: engineStats.translator.iotlb,
+      netPackets: (await netHandle.control.stats()).model?.rxPackets ?? 0,
       seconds: Number(((performance.now() - started) / 1000).toFixed(2)),
     };
     story.finish(summary);
-    return same ? 0 : 1;
+    return same && looped ? 0 : 1;
   } finally {
     await machine.close();
   }

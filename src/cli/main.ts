@@ -14,7 +14,9 @@ Usage:
   viommu --help               this text; every command also takes --help
 
 Environment:
-  VIOMMU_LOG=level            JSON logs on stderr (trace, debug, info, warn, error, silent)`;
+  VIOMMU_LOG=level            log level on stderr (trace, debug, info, warn, error, silent;
+                              default warn, error for demo)
+  VIOMMU_LOG_FORMAT=pretty|json   readable lines or JSON (default: pretty on a terminal)`;
 
 const COMMAND_HELP: Record<string, string> = {
   demo: `viommu demo [--json]
@@ -51,6 +53,9 @@ export async function main(argv: readonly string[]): Promise<number> {
   switch (command) {
     case 'demo': {
       const args = parseArgs(rest, { flags: ['--json'] });
+      // The story provokes faults on purpose; device warnings about them would only interleave
+      // with it. VIOMMU_LOG=warn (or lower) shows them.
+      process.env.VIOMMU_LOG ??= 'error';
       if (args.positionals.length > 0) throw new UsageError(`demo takes no arguments, got ${args.positionals[0]}`);
       return runDemo({ json: args.flags.has('--json') });
     }

@@ -1,4 +1,5 @@
 import { pino, type Logger as PinoLogger, type LevelWithSilent } from 'pino';
+import pretty from 'pino-pretty';
 import type { Logger } from './logger.js';
 
 const LEVELS: readonly LevelWithSilent[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
@@ -18,9 +19,25 @@ export function levelFromEnv(env: Record<string, string | undefined> = process.e
 
 let root: PinoLogger | undefined;
 
-/** The process-wide root logger: JSON lines on stderr, one child per component. */
+/**
+ * Whether logs are for people: VIOMMU_LOG_FORMAT=pretty or json decides; unset, a terminal on
+ * stderr means pretty. The main thread resolves it once into the environment its workers inherit.
+ */
+export function prettyFromEnv(env: Record<string, string | undefined> = process.env): boolean {
+  const format = env.VIOMMU_LOG_FORMAT?.trim().toLowerCase();
+  if (format === 'pretty') return true;
+  if (format === 'json') return false;
+  const pretty = process.stderr.isTTY === true;
+  env.VIOMMU_LOG_FORMAT = pretty ? 'pretty' : 'json';
+  return pretty;
+}
+
+/** The process-wide root logger: on stderr, JSON lines or pretty lines, one child per component. */
 export function rootLogger(): PinoLogger {
-  root ??= pino({ level: levelFromEnv(), base: { pid: process.pid } }, pino.destination({ fd: 2, sync: true }));
+  root ??= pino(
+    { level: levelFromEnv(), base: { pid: process.pid } },
+    prettyFromEnv() ? pretty({ destination: 2, sync: true, ignore: 'pid,hostname' }) : pino.destination({ fd: 2, sync: true }),
+  );
   return root;
 }
 
