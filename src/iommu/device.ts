@@ -51,7 +51,7 @@ export interface VirtioIommuOptions {
   readonly features?: readonly IommuFeatureName[];
   /** Most domains that may exist at once (ATTACH beyond it gets NOMEM). Default 65536. */
   readonly maxDomains?: number;
-  /** Fault records kept while the guest posts no event buffers; older ones are coalesced. Default 256. */
+  /** Fault records kept while the guest posts no event buffers (the oldest; newer ones are counted and dropped, repeats coalesced). Default 256. */
   readonly maxPendingFaults?: number;
   readonly log?: Logger;
 }
@@ -66,6 +66,10 @@ export interface EndpointFault {
   readonly exec?: boolean;
 }
 
+function faultKey(f: EndpointFault): string {
+  return `${f.reason}/${f.endpoint}/${f.address ?? ''}/${f.read === true ? 'r' : ''}${f.write === true ? 'w' : ''}${f.exec === true ? 'x' : ''}`;
+}
+
 type Domain =
   | { readonly id: number; readonly kind: 'bypass'; readonly endpoints: Set<number> }
   | { readonly id: number; readonly kind: 'paging'; readonly handle: PagingDomainHandle; readonly endpoints: Set<number> };
@@ -78,6 +82,8 @@ export interface VirtioIommuStats {
   readonly faultsReported: number;
   readonly faultsPending: number;
   readonly faultsDropped: number;
+  /** Faults identical to a record already waiting, counted instead of queued. */
+  readonly faultsCoalesced: number;
 }
 
 /** Outcome of one request: a status to write in the tail, or NONE (buffer returned unwritten). */
@@ -111,7 +117,9 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
   /** Endpoint → domain it is attached to. */
   private readonly attachedTo = new Map<number, number>();
   private readonly pendingFaults: EndpointFault[] = [];
-  private readonly counters = { requests: 0, unparsable: 0, faultsReported: 0, faultsDropped: 0 };
+  /** faultKey() of every pending record, for coalescing. */
+  private readonly pendingKeys = new Set<string>();
+  private readonly counters = { requests: 0, unparsable: 0, faultsReported: 0, faultsDropped: 0, faultsCoalesced: 0 };
   private readonly byStatus = new Map<string, number>();
 
   constructor(
@@ -221,14 +229,23 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
    * record waits in a bounded list; past its bound the oldest records are dropped and counted.
    */
   reportFault(fault: EndpointFault): void {
-    this.pendingFaults.push(fault);
-    if (this.pendingFaults.length > this.maxPendingFaults) {
-      this.pendingFaults.shift();
+    // A fault identical to one still waiting for a buffer adds nothing the guest can act on: it is
+    // counted, not queued again (a device retrying a DMA would otherwise fill the list alone).
+    const key = faultKey(fault);
+    if (this.pendingKeys.has(key)) {
+      this.counters.faultsCoalesced++;
+      return;
+    }
+    if (this.pendingFaults.length >= this.maxPendingFaults) {
+      // The oldest records are kept: they are what the guest needs first when buffers come back.
       this.counters.faultsDropped++;
       if (this.counters.faultsDropped === 1 || this.counters.faultsDropped % 1000 === 0) {
-        this.log.warn({ dropped: this.counters.faultsDropped }, 'event queue has no buffers: fault records dropped');
+        this.log.warn({ dropped: this.counters.faultsDropped, pending: this.pendingFaults.length }, 'event queue has no buffers: newest fault records dropped');
       }
+      return;
     }
+    this.pendingFaults.push(fault);
+    this.pendingKeys.add(key);
     this.deliverFaults();
   }
 
@@ -253,6 +270,7 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
         continue;
       }
       this.pendingFaults.shift();
+      this.pendingKeys.delete(faultKey(fault));
       const record = new Uint8Array(FaultRecord.SIZE);
       const view = new DataView(record.buffer);
       writeField(view, FaultRecord.reason, FaultReason[fault.reason]);
@@ -652,6 +670,7 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
       faultsReported: this.counters.faultsReported,
       faultsPending: this.pendingFaults.length,
       faultsDropped: this.counters.faultsDropped,
+      faultsCoalesced: this.counters.faultsCoalesced,
     };
   }
 }
