@@ -8,10 +8,10 @@ import { ALL_METRICS } from './metrics.js';
 import { scale } from './scale.js';
 import { nested, translate } from './translate.js';
 import { virtio } from './virtio.js';
-import { viommu } from './viommu.js';
+import { strictUnmapGroup, viommu } from './viommu.js';
 
 /** In run order: limits first, so later groups run on a machine in the same state as theirs. */
-const GROUPS: readonly BenchGroup[] = [limits, baseline, virtio, viommu, scale, translate, nested];
+const GROUPS: readonly BenchGroup[] = [limits, baseline, virtio, viommu, strictUnmapGroup, scale, translate, nested];
 
 const USAGE = 'usage: node dist/bench/main.js [--quick] [--json] [--only PREFIX[,PREFIX...]]';
 

@@ -102,12 +102,12 @@ export const REQUIRED_METRICS: readonly MetricSpec[] = [
   {
     name: 'strict_unmap.rtt_ns',
     unit: 'ns',
-    implemented: false,
-    needs: 'the virtio-iommu device worker, with device workers translating through its context',
-    what: 'UNMAP request round trip while 4 device workers DMA continuously',
+    implemented: true,
+    what: 'p50 UNMAP request round trip while 4 device workers DMA continuously (each UNMAP waits for their DMAs in flight)',
     compareTo: 'viommu.request_rtt_p50_ns',
     targets: [{ ref: 'viommu.request_rtt_p50_ns', op: '<=', factor: 10 }],
   },
+  { name: 'strict_unmap.rtt_p99_ns', unit: 'ns', implemented: true, what: 'p99 of the same' },
 ];
 
 /** Further figures that explain the required ones. */

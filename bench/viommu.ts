@@ -10,7 +10,7 @@ import { MmioBusClient } from '../src/virtio/bus-client.js';
 import { DeviceSignal, createSignalBuffer } from '../src/virtio/signals.js';
 import { median, quantile, startWorker, type BenchContext, type BenchGroup } from './harness.js';
 import { PollingQueue, type FixedRequest } from './polling-queue.js';
-import type { ViommuControl, ViommuStart } from './protocol.js';
+import { DmaLoop, type DmaLoopStart, type ViommuControl, type ViommuStart } from './protocol.js';
 
 const DOMAIN = 1;
 const ENDPOINT = 8;
@@ -172,5 +172,77 @@ export const viommu: BenchGroup = {
     } finally {
       await m.close();
     }
+  },
+};
+
+/** Device workers DMAing continuously during the strict-unmap figure. */
+const DMA_WORKERS = 4;
+/** IOVA window the DMA workers write into, kept mapped throughout. */
+const DMA_IOVA = 0x8000_0000;
+const DMA_PAGES = 16;
+
+/**
+ * UNMAP round trip while device workers DMA without pause: each UNMAP bumps the epoch and waits
+ * until every worker has left the DMA it was in, so the figure includes that wait.
+ */
+async function strictUnmap(ctx: BenchContext): Promise<void> {
+  const m = await machine(DMA_WORKERS);
+  const workers: Worker[] = [];
+  const control = new SharedArrayBuffer((DmaLoop.COUNTS + DMA_WORKERS) * 4);
+  const ctl = new Int32Array(control);
+  try {
+    const window = pages(m, DMA_PAGES, DMA_IOVA);
+    roundTrip(m, window.maps, window.maps.map((p) => p.request));
+    const shared = await m.control.shared();
+    for (let index = 0; index < DMA_WORKERS; index++) {
+      const start: DmaLoopStart = { index, shared, memory: m.memory.describe(), control, iova: DMA_IOVA, pages: DMA_PAGES };
+      workers.push(await startWorker('dma-loop', start));
+    }
+    for (const deadline = Date.now() + 10_000; Atomics.load(ctl, DmaLoop.READY) < DMA_WORKERS && Date.now() < deadline; ) {
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    const { maps, unmaps } = pages(m, 1, IOVA_BASE);
+    const map = [maps[0]!.request];
+    const unmap = [unmaps[0]!.request];
+    const trips = ctx.quick ? 300 : 3000;
+    const rtt = new Float64Array(trips);
+    const dmasBefore = (): number => Array.from({ length: DMA_WORKERS }, (_, i) => Atomics.load(ctl, DmaLoop.COUNTS + i)).reduce((a, b) => a + b, 0);
+    let dmas = 0;
+    let started = 0;
+    for (let i = -trips / 10; i < trips; i++) {
+      if (i === 0) {
+        dmas = dmasBefore();
+        started = performance.now();
+      }
+      roundTrip(m, maps, map);
+      const t0 = performance.now();
+      roundTrip(m, unmaps, unmap);
+      if (i >= 0) rtt[i] = (performance.now() - t0) * 1e6;
+    }
+    ctx.record('strict_unmap.rtt_ns', quantile(rtt, 0.5));
+    ctx.record('strict_unmap.rtt_p99_ns', quantile(rtt, 0.99));
+    ctx.env.strict_unmap_dmas_per_s = Math.round(((dmasBefore() - dmas) / (performance.now() - started)) * 1000);
+  } finally {
+    Atomics.store(ctl, DmaLoop.STOP, 1);
+    await Promise.all(
+      workers.map(
+        (w) =>
+          new Promise<void>((resolve) => {
+            w.once('exit', () => resolve());
+            w.once('message', () => void w.terminate());
+          }),
+      ),
+    );
+    await m.close();
+  }
+}
+
+/** UNMAP under continuous DMA from several device workers (strict unmap). */
+export const strictUnmapGroup: BenchGroup = {
+  name: 'strict_unmap',
+  emits: ['strict_unmap.rtt_ns', 'strict_unmap.rtt_p99_ns'],
+  async run(ctx) {
+    ctx.progress(`UNMAP round trip while ${DMA_WORKERS} device workers DMA continuously`);
+    await strictUnmap(ctx);
   },
 };
