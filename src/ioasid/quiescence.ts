@@ -297,6 +297,30 @@ export class QuiescenceOwner {
 }
 
 /**
+ * Frees every slot registered with `tag` (a worker's thread ID) and wakes a waiting owner: what
+ * the thread that saw a device worker die does, from any thread, so an unmap blocked on the dead
+ * worker's DMA goes on at once instead of at its timeout. Returns the slots freed.
+ */
+export function releaseWorkerSlots(buffer: SharedArrayBuffer, tag: number): number {
+  const w = new Int32Array(buffer);
+  if (Atomics.load(w, QuiescenceGlobal.MAGIC) !== QUIESCENCE_MAGIC) throw new QuiescenceError('not a quiescence block');
+  const slots = Atomics.load(w, QuiescenceGlobal.SLOT_COUNT);
+  let freed = 0;
+  for (let slot = 0; slot < slots; slot++) {
+    const base = slotBase(slot);
+    if (Atomics.load(w, base + QuiescenceSlot.STATE) === SlotState.FREE || Atomics.load(w, base + QuiescenceSlot.TAG) !== tag) continue;
+    Atomics.store(w, base + QuiescenceSlot.IN_DMA, 0);
+    Atomics.store(w, base + QuiescenceSlot.STATE, SlotState.FREE);
+    freed++;
+  }
+  if (freed > 0) {
+    Atomics.add(w, QuiescenceGlobal.ACK, 1);
+    Atomics.notify(w, QuiescenceGlobal.ACK);
+  }
+  return freed;
+}
+
+/**
  * A device worker's side: one per worker thread, claimed from the shared block. beginDma/endDma
  * bracket every DMA (see Translator.withDma); they are not reentrant here, the translator nests.
  */

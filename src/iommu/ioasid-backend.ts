@@ -23,6 +23,8 @@ export class IoasidIommuBackend implements IommuBackend {
   private readonly devIds = new Map<number, number>();
   private readonly reserved = new Map<number, readonly ReservedRegion[]>();
   private readonly siblings = new Map<number, readonly number[]>();
+  /** Endpoints whose device is gone (its worker died): nothing of theirs reaches the backend. */
+  private readonly gone = new Set<number>();
   private readonly log: Logger;
 
   constructor(
@@ -120,9 +122,31 @@ export class IoasidIommuBackend implements IommuBackend {
     }
   }
 
+  /**
+   * The endpoint's device has gone away (its worker crashed or was terminated): it is detached now,
+   * and later attachment changes for it succeed without touching the backend, so the guest's
+   * domain bookkeeping (and the other endpoints) carry on as if it were merely quiet.
+   */
+  markGone(endpoint: number): Errno | undefined {
+    const dev = this.devIds.get(endpoint);
+    if (dev === undefined) return 'ENODEV';
+    this.gone.add(endpoint);
+    try {
+      this.context.deviceDetach(dev);
+      return undefined;
+    } catch (err) {
+      return this.errno(err, 'markGone');
+    }
+  }
+
+  isGone(endpoint: number): boolean {
+    return this.gone.has(endpoint);
+  }
+
   private call(endpoint: number, fn: (dev: number) => void): Errno | undefined {
     const dev = this.devIds.get(endpoint);
     if (dev === undefined) return 'ENODEV';
+    if (this.gone.has(endpoint)) return undefined;
     try {
       fn(dev);
       return undefined;

@@ -107,6 +107,11 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
       if (dev === undefined) throw new RangeError(`endpoint ${endpoint} does not exist`);
       return { endpoint, shared: context.describeShared(), row: context.deviceRow(dev) };
     },
+    consumerGone(endpoint: number): void {
+      const errno = backend.markGone(endpoint);
+      if (errno !== undefined) throw new RangeError(`endpoint ${endpoint}: ${errno}`);
+      log.warn({ endpoint }, 'consumer device gone: detached in the backend; the guest sees it fail');
+    },
     foreignBind(name: string): string {
       const other = host.open();
       try {

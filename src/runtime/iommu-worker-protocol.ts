@@ -62,6 +62,11 @@ export interface IommuWorkerApi {
   flushFaults(): number;
   endpointTranslation(endpoint: number): EndpointTranslation;
   /**
+   * The device behind `endpoint` is gone (its worker died): detach it in the backend and ignore
+   * its later attachment changes. The VMM calls this after freeing the worker's quiescence slots.
+   */
+  consumerGone(endpoint: number): void;
+  /**
    * What another process opening /dev/iommu on this host gets when it binds `device`: 'OK' (then
    * it lets go again) or the errno, e.g. EBUSY while this machine's context owns the device's group.
    */

@@ -65,6 +65,9 @@ export class MailboxClient {
         if (done === seq) return Atomics.load(s, DeviceSignal.MB_RESULT) >>> 0;
         const left = deadline - Date.now();
         if (left <= 0) throw new DeviceTimeoutError(`register access at 0x${offset.toString(16)}`, this.timeoutMs);
+        // A worker that died after the post never answers; its host marks it in the state word.
+        const now = Atomics.load(s, DeviceSignal.WORKER_STATE);
+        if (now === WorkerState.STOPPED || now === WorkerState.CRASHED) throw new DeviceTimeoutError(`register access at 0x${offset.toString(16)}`, 0);
         Atomics.wait(s, DeviceSignal.MB_DONE, done, Math.min(left, 50));
       }
     } finally {

@@ -1,7 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import { createFaultQueueBuffer } from '../ioasid/fault-queue.js';
 import { X86_MSI_WINDOW } from '../ioasid/index.js';
-import { createQuiescenceBuffer } from '../ioasid/quiescence.js';
+import { createQuiescenceBuffer, releaseWorkerSlots } from '../ioasid/quiescence.js';
 import { GuestMemory } from '../memory/index.js';
 import { releaseRemote, wrapPort, type Remote } from '../runtime/comlink.js';
 import type { DeviceIommuSpec, TransportKind } from '../runtime/device-worker-protocol.js';
@@ -26,6 +26,8 @@ export type EndpointDeclaration =
       readonly id: number;
       readonly kind?: EndpointKind;
       readonly pasidCapable?: boolean;
+      /** DMA engine: rest between passes of a repeating transfer, in µs (default 50; 0: none). */
+      readonly repeatGapMicros?: number;
       /** virtio-net: the transport it sits behind (default: the machine's). */
       readonly transport?: TransportKind;
       /** virtio-net: its MAC address (six bytes). */
@@ -86,6 +88,7 @@ function validateOptions(o: IommuMachineOptions): void {
     }
     if (e.group !== undefined && typeof e.group !== 'string' && typeof e.group !== 'number') fail(`endpoints[${i}].group must be a string or a number`);
     if (e.pasidCapable !== undefined && typeof e.pasidCapable !== 'boolean') fail(`endpoints[${i}].pasidCapable must be a boolean`);
+    if (e.repeatGapMicros !== undefined && !(Number.isFinite(e.repeatGapMicros) && e.repeatGapMicros >= 0)) fail(`endpoints[${i}].repeatGapMicros must be a non-negative number`);
   }
   const d = o.device ?? {};
   if (d.bootBypass !== undefined && typeof d.bootBypass !== 'boolean') fail('device.bootBypass must be a boolean');
@@ -146,6 +149,13 @@ export class EndpointHandle {
  */
 export class IommuMachine {
   private closed = false;
+  /**
+   * Consumer devices whose worker died, by endpoint ID, with the reason. The machine has freed
+   * their quiescence slots (so no unmap waits for them) and detached them in the backend; the
+   * guest sees their registers fail. The virtio-iommu and the other devices keep working.
+   */
+  readonly failures = new Map<number, string>();
+  private readonly settling: Promise<void>[] = [];
 
   private constructor(
     readonly memory: GuestMemory,
@@ -157,7 +167,36 @@ export class IommuMachine {
     readonly dmaEngines: ReadonlyMap<number, DeviceHandle<DmaEngineWorkerApi>>,
     /** virtio-net devices by endpoint ID, each behind its own transport. */
     readonly netDevices: ReadonlyMap<number, DeviceHandle>,
-  ) {}
+    private readonly quiescence: SharedArrayBuffer,
+  ) {
+    const watch = (endpoint: number, worker: Worker): void => {
+      const threadId = worker.threadId;
+      worker.once('exit', (code) => {
+        if (!this.closed) this.consumerDied(endpoint, threadId, `worker exited with code ${code}`);
+      });
+    };
+    for (const [id, h] of endpoints) watch(id, h.worker);
+    for (const [id, h] of dmaEngines) watch(id, h.worker);
+    for (const [id, h] of netDevices) watch(id, h.worker);
+  }
+
+  /** A consumer's worker died: free what it held and tell the iommu worker, once. */
+  private consumerDied(endpoint: number, threadId: number, reason: string): void {
+    if (this.failures.has(endpoint)) return;
+    this.failures.set(endpoint, reason);
+    // From this thread, at once: an unmap in the iommu worker may be waiting for the dead DMA.
+    releaseWorkerSlots(this.quiescence, threadId);
+    this.settling.push(
+      this.iommu.control.consumerGone(endpoint).catch(() => {
+        // The iommu worker itself is going away; close() reports that.
+      }),
+    );
+  }
+
+  /** Resolves once every consumer failure seen so far has been handled by the iommu worker. */
+  async settled(): Promise<void> {
+    await Promise.all(this.settling);
+  }
 
   static async create(options: IommuMachineOptions): Promise<IommuMachine> {
     validateOptions(options);
@@ -202,6 +241,7 @@ export class IommuMachine {
             signals: createSignalBuffer(),
             translation: { shared: t.shared, row: t.row, quiescence, faults, iommuSignals: start.signals },
             ...(typeof decl !== 'number' && decl.pasidCapable !== undefined ? { pasidCapable: decl.pasidCapable } : {}),
+            ...(typeof decl !== 'number' && decl.repeatGapMicros !== undefined ? { repeatGapMicros: decl.repeatGapMicros } : {}),
           };
           dmaEngines.set(
             spec.id,
@@ -249,7 +289,7 @@ export class IommuMachine {
       await iommu.close();
       throw err;
     }
-    return new IommuMachine(memory, options.transport, iommu, endpoints, dmaEngines, netDevices);
+    return new IommuMachine(memory, options.transport, iommu, endpoints, dmaEngines, netDevices, quiescence);
   }
 
   /** A DMA by the endpoint's device, translated in its worker. */
