@@ -26,7 +26,43 @@ export interface PagingDomainHandle {
   readonly hwpt: number;
 }
 
+/** A guest-owned stage-1 table: an x86-64 page table in guest memory. */
+export interface StageOneTable {
+  /** GPA of the root table (4 KiB aligned). */
+  readonly rootGpa: bigint;
+  /** 48: 4 levels; 57: 5 levels. */
+  readonly addrWidth: 48 | 57;
+}
+
+/** Opaque backend handle for a table domain (a nested HWPT over the guest-physical space). */
+export interface TableDomainHandle {
+  readonly hwpt: number;
+}
+
+/**
+ * Nested translation for the ATTACH_TABLE extension: stage 1 is the guest's own table, stage 2
+ * the guest-physical address space the host keeps for it. Optional: a backend without nesting
+ * leaves it out and the device does not offer the feature.
+ */
+export interface TableBackend {
+  /** PASID width of the endpoint's device (0: no PASIDs). */
+  pasidBits(endpoint: number): number;
+  createTableDomain(endpoint: number, table: StageOneTable): TableDomainHandle | Errno;
+  destroyTableDomain(domain: TableDomainHandle): void;
+  /** Attaches the endpoint's RID traffic (pasid undefined) or one PASID to the table domain, replacing what was there. */
+  attachTable(endpoint: number, pasid: number | undefined, domain: TableDomainHandle): Errno | undefined;
+  /** Removes the endpoint's attachment at `pasid`; its DMA with that PASID faults afterwards. */
+  detachPasid(endpoint: number, pasid: number): Errno | undefined;
+  /**
+   * Drops cached stage-1 translations of the domain: all of them, or those of [iova, iova + length).
+   * Completes only when no device can still use a dropped entry (strict, like unmap).
+   */
+  invalidate(domain: TableDomainHandle, range: { readonly iova: bigint; readonly length: bigint } | undefined, leafOnly: boolean): Errno | undefined;
+}
+
 export interface IommuBackend {
+  /** Nested translation (ATTACH_TABLE extension), when the backend has it. */
+  readonly tables?: TableBackend;
   /**
    * The other endpoints in `endpoint`'s isolation group: devices the host cannot isolate from
    * each other, which therefore always share one translation.

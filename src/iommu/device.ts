@@ -3,11 +3,20 @@ import { silentLogger } from '../log/logger.js';
 import { FeatureBit, featureMask, hasFeature } from '../virtio/constants.js';
 import type { DeviceEnvironment, VirtioDeviceModel } from '../virtio/device.js';
 import { ChainReader, ChainWriter, QueueError, type DescriptorChain, type SplitQueue } from '../virtio/split-queue.js';
-import type { IommuBackend, PagingDomainHandle } from './backend.js';
+import type { IommuBackend, PagingDomainHandle, StageOneTable, TableDomainHandle } from './backend.js';
 import {
   AttachFlag,
   AttachReq,
+  AttachTableFlag,
+  AttachTableFormat,
+  AttachTableReq,
+  DetachFlag,
+  DetachPasidReq,
   DetachReq,
+  InvalidateFlag,
+  InvalidateReq,
+  InvalidateScope,
+  ProbeHwIntelVtd,
   FaultFlag,
   FaultReason,
   FaultRecord,
@@ -47,7 +56,12 @@ export interface VirtioIommuOptions {
   readonly domainRange?: readonly [number, number];
   /** Bytes of PROBE properties. Default 512, as QEMU. */
   readonly probeSize?: number;
-  /** Device-specific features to offer (default: all but legacy BYPASS). */
+  /**
+   * Offer the ATTACH_TABLE extension (guest-owned stage-1 tables per PASID) when the backend can
+   * nest. Off by default: a guest written to the base specification sees the base device.
+   */
+  readonly attachTable?: boolean;
+  /** Device-specific features to offer (default: all but legacy BYPASS and ATTACH_TABLE). */
   readonly features?: readonly IommuFeatureName[];
   /** Most domains that may exist at once (ATTACH beyond it gets NOMEM). Default 65536. */
   readonly maxDomains?: number;
@@ -60,6 +74,8 @@ export interface VirtioIommuOptions {
 export interface EndpointFault {
   readonly reason: 'UNKNOWN' | 'DOMAIN' | 'MAPPING';
   readonly endpoint: number;
+  /** The PASID the faulting DMA carried, if any. */
+  readonly pasid?: number;
   readonly address?: bigint;
   readonly read?: boolean;
   readonly write?: boolean;
@@ -67,12 +83,27 @@ export interface EndpointFault {
 }
 
 function faultKey(f: EndpointFault): string {
-  return `${f.reason}/${f.endpoint}/${f.address ?? ''}/${f.read === true ? 'r' : ''}${f.write === true ? 'w' : ''}${f.exec === true ? 'x' : ''}`;
+  return `${f.reason}/${f.endpoint}/${f.pasid ?? ''}/${f.address ?? ''}/${f.read === true ? 'r' : ''}${f.write === true ? 'w' : ''}${f.exec === true ? 'x' : ''}`;
 }
 
 type Domain =
   | { readonly id: number; readonly kind: 'bypass'; readonly endpoints: Set<number> }
-  | { readonly id: number; readonly kind: 'paging'; readonly handle: PagingDomainHandle; readonly endpoints: Set<number> };
+  | { readonly id: number; readonly kind: 'paging'; readonly handle: PagingDomainHandle; readonly endpoints: Set<number> }
+  | {
+      readonly id: number;
+      /** A guest-owned stage-1 table (ATTACH_TABLE extension), nested over guest-physical memory. */
+      readonly kind: 'table';
+      readonly handle: TableDomainHandle;
+      readonly table: StageOneTable;
+      /** Endpoints whose RID traffic uses the table. */
+      readonly endpoints: Set<number>;
+      /** (endpoint, PASID) pairs bound to the table, as pasidKey() strings. */
+      readonly pasids: Set<string>;
+    };
+
+function pasidKey(endpoint: number, pasid: number): string {
+  return `${endpoint}:${pasid}`;
+}
 
 export interface VirtioIommuStats {
   readonly requests: number;
@@ -116,6 +147,8 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
   private readonly domains = new Map<number, Domain>();
   /** Endpoint → domain it is attached to. */
   private readonly attachedTo = new Map<number, number>();
+  /** pasidKey(endpoint, PASID) → table domain that PASID is bound to. */
+  private readonly pasidBoundTo = new Map<string, number>();
   private readonly pendingFaults: EndpointFault[] = [];
   /** faultKey() of every pending record, for coalescing. */
   private readonly pendingKeys = new Set<string>();
@@ -146,7 +179,9 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
       'MMIO',
       'BYPASS_CONFIG',
       ...(options.offerLegacyBypass ? (['BYPASS'] as const) : []),
+      ...(options.attachTable === true && backend.tables !== undefined ? (['ATTACH_TABLE'] as const) : []),
     ];
+    if (names.includes('ATTACH_TABLE') && backend.tables === undefined) throw new RangeError('ATTACH_TABLE needs a backend with nested translation');
     let features =
       featureMask(FeatureBit.VERSION_1) | featureMask(FeatureBit.INDIRECT_DESC) | featureMask(FeatureBit.EVENT_IDX);
     for (const name of names) features |= featureMask(IommuFeature[name]);
@@ -282,6 +317,11 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
         flags |= FaultFlag.ADDRESS;
         writeField(view, FaultRecord.address, fault.address);
       }
+      // The PASID the DMA carried is reported only to a driver that knows the field (extension).
+      if (fault.pasid !== undefined && this.negotiatedFeature(IommuFeature.ATTACH_TABLE)) {
+        flags |= FaultFlag.PASID;
+        writeField(view, FaultRecord.pasid, fault.pasid);
+      }
       writeField(view, FaultRecord.flags, flags);
       writeField(view, FaultRecord.endpoint, fault.endpoint);
       new ChainWriter(env.memory, chain.writable).write(record);
@@ -356,6 +396,21 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
       case RequestType.UNMAP:
         outcome = this.sized(request, UnmapReq.SIZE, type) ?? this.unmapRequest(view);
         break;
+      case RequestType.ATTACH_TABLE:
+        // Without the feature these types are unknown: returned unwritten, as for any other.
+        if (!this.negotiatedFeature(IommuFeature.ATTACH_TABLE)) {
+          outcome = 'NONE';
+          break;
+        }
+        outcome = this.sized(request, AttachTableReq.SIZE, type) ?? this.attachTable(request, view);
+        break;
+      case RequestType.INVALIDATE:
+        if (!this.negotiatedFeature(IommuFeature.ATTACH_TABLE)) {
+          outcome = 'NONE';
+          break;
+        }
+        outcome = this.sized(request, InvalidateReq.SIZE, type) ?? this.invalidate(request, view);
+        break;
       case RequestType.PROBE: {
         if (!this.negotiatedFeature(IommuFeature.PROBE)) {
           // §5.13.6.5: without PROBE the device SHOULD NOT write the buffer and SHOULD use length 0.
@@ -415,6 +470,8 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
     if (!this.domainInRange(domainId)) return Status.RANGE;
     const wantBypass = (flags & AttachFlag.BYPASS) !== 0;
     const existing = this.domains.get(domainId);
+    // A table domain takes endpoints through ATTACH_TABLE only: it has no mappings of its own.
+    if (existing?.kind === 'table') return Status.INVAL;
     if (existing !== undefined && (existing.kind === 'bypass') !== wantBypass) {
       // §5.13.6.1: BYPASS flag inconsistent with the existing domain → SHOULD reject with INVAL.
       return Status.INVAL;
@@ -465,9 +522,15 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
   private detach(view: DataView): Status {
     const domainId = readField(view, DetachReq.domain);
     const endpoint = readField(view, DetachReq.endpoint);
-    // §5.13.6.2: the device MUST ignore reserved.
+    // §5.13.6.2: the device MUST ignore reserved — unless the ATTACH_TABLE extension is
+    // negotiated, which gives the first reserved words a meaning (a PASID to unbind).
     // §5.13.6.2: an endpoint that does not exist → MUST reject with NOENT.
     if (!this.endpointIds.has(endpoint)) return Status.NOENT;
+    if (this.negotiatedFeature(IommuFeature.ATTACH_TABLE)) {
+      const flags = readField(view, DetachPasidReq.flags);
+      if ((flags & ~DetachFlag.PASID) !== 0) return Status.INVAL;
+      if ((flags & DetachFlag.PASID) !== 0) return this.detachPasid(domainId, endpoint, readField(view, DetachPasidReq.pasid));
+    }
     // §5.13.6.2: no such domain, or endpoint not attached to it → MAY set INVAL.
     if (this.attachedTo.get(endpoint) !== domainId) return Status.INVAL;
     // After DETACH the endpoint MUST NOT reach the domain's mappings; the backend's attach
@@ -497,8 +560,9 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
     const domain = this.domains.get(domainId);
     // §5.13.6.3: domain does not exist → SHOULD reject with NOENT.
     if (domain === undefined) return Status.NOENT;
-    // §5.13.6.3: a bypass domain → SHOULD reject with INVAL.
-    if (domain.kind === 'bypass') return Status.INVAL;
+    // §5.13.6.3: a bypass domain → SHOULD reject with INVAL. A table domain's mappings are the
+    // guest's own page table: MAP does not apply either.
+    if (domain.kind !== 'paging') return Status.INVAL;
     // The driver MUST make virt_end strictly greater than virt_start; an inverted range is invalid.
     if (virtEnd < virtStart) return Status.INVAL;
     const mask = this.granule - 1n;
@@ -543,8 +607,8 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
     const domain = this.domains.get(domainId);
     // §5.13.6.4: domain does not exist → SHOULD set NOENT.
     if (domain === undefined) return Status.NOENT;
-    // §5.13.6.4: a bypass domain → SHOULD reject with INVAL.
-    if (domain.kind === 'bypass') return Status.INVAL;
+    // §5.13.6.4: a bypass domain → SHOULD reject with INVAL (and a table domain has no mappings).
+    if (domain.kind !== 'paging') return Status.INVAL;
     if (virtEnd < virtStart) return Status.INVAL;
     const hit = this.backend.mappingsIn(domain.handle, virtStart, virtEnd);
     for (const m of hit) {
@@ -581,8 +645,161 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
       writeField(prop, ProbeResvMem.end, region.end);
       at += ProbeResvMem.SIZE;
     }
+    const tables = this.backend.tables;
+    if (tables !== undefined && this.negotiatedFeature(IommuFeature.ATTACH_TABLE)) {
+      if (at + ProbeHwIntelVtd.SIZE > this.probeSize) {
+        this.log.warn({ endpoint }, 'probe_size too small for the stage-1 property; left out');
+      } else {
+        const prop = new DataView(out.buffer, at, ProbeHwIntelVtd.SIZE);
+        writeField(prop, ProbeProperty.type, ProbePropertyType.HW_INTEL_VTD);
+        writeField(prop, ProbeProperty.length, ProbeHwIntelVtd.VALUE_LENGTH);
+        writeField(prop, ProbeHwIntelVtd.pasidBits, tables.pasidBits(endpoint));
+        // Both 4- and 5-level x86-64 tables; accessed/dirty bits are not set by this IOMMU.
+        writeField(prop, ProbeHwIntelVtd.addrWidths, 0b11);
+        at += ProbeHwIntelVtd.SIZE;
+      }
+    }
     // The remaining bytes stay zero: an empty property ends the list (§5.13.6.5).
     return out;
+  }
+
+  // ---- ATTACH_TABLE extension ----------------------------------------------------------------
+
+  /**
+   * ATTACH_TABLE: the endpoint's RID traffic, or one of its PASIDs, translates through the guest's
+   * own stage-1 table, nested over guest-physical memory. The domain then names that table.
+   */
+  private attachTable(request: Uint8Array, view: DataView): Status {
+    const tables = this.backend.tables!;
+    const domainId = readField(view, AttachTableReq.domain);
+    const endpoint = readField(view, AttachTableReq.endpoint);
+    const format = readField(view, AttachTableReq.format);
+    const flags = readField(view, AttachTableReq.flags);
+    const pasidField = readField(view, AttachTableReq.pasid);
+    const root = readField64(view, AttachTableReq.pgtbl);
+    const width = readField(view, AttachTableReq.addrWidth);
+    // As for ATTACH (§5.13.6.1): reserved not zero or unknown flags → INVAL; no endpoint → NOENT.
+    if (!isZero(request, AttachTableReq.reserved0) || !isZero(request, AttachTableReq.reserved1)) return Status.INVAL;
+    if ((flags & ~AttachTableFlag.PASID) !== 0) return Status.INVAL;
+    if (!this.endpointIds.has(endpoint)) return Status.NOENT;
+    if (!this.domainInRange(domainId)) return Status.RANGE;
+    // A format the device does not implement is an unsupported request, not a malformed one.
+    if (format !== AttachTableFormat.INTEL_PT) return Status.UNSUPP;
+    if (width !== 48 && width !== 57) return Status.INVAL;
+    if ((root & 0xfffn) !== 0n) return Status.INVAL;
+    const pasid = (flags & AttachTableFlag.PASID) !== 0 ? pasidField : undefined;
+    if (pasid !== undefined) {
+      // PASID 0 is the RID's own traffic; beyond the endpoint's PASID width is out of range.
+      if (pasid === 0) return Status.INVAL;
+      if (pasid >= 2 ** tables.pasidBits(endpoint)) return Status.RANGE;
+    } else if (pasidField !== 0) {
+      return Status.INVAL;
+    }
+    const table: StageOneTable = { rootGpa: root, addrWidth: width };
+    let domain = this.domains.get(domainId);
+    if (domain !== undefined && (domain.kind !== 'table' || domain.table.rootGpa !== root || domain.table.addrWidth !== width)) {
+      // One domain, one translation: a paging or bypass domain, or another table, cannot take it.
+      return Status.INVAL;
+    }
+    if (pasid === undefined) {
+      if (this.attachedTo.get(endpoint) === domainId) return Status.OK;
+      for (const sibling of this.backend.groupSiblings(endpoint)) {
+        const theirs = this.attachedTo.get(sibling);
+        // Endpoints that cannot be isolated share a domain (§5.13.6.1): UNSUPP otherwise.
+        if (theirs !== undefined && theirs !== domainId) return Status.UNSUPP;
+      }
+    } else if (this.pasidBoundTo.get(pasidKey(endpoint, pasid)) === domainId) {
+      return Status.OK;
+    }
+    let created = false;
+    if (domain === undefined) {
+      if (this.domains.size >= this.maxDomains) return Status.NOMEM;
+      const handle = tables.createTableDomain(endpoint, table);
+      if (typeof handle === 'string') return errnoToStatus(handle, Status.NOMEM);
+      domain = { id: domainId, kind: 'table', handle, table, endpoints: new Set(), pasids: new Set() };
+      created = true;
+    }
+    const errno = tables.attachTable(endpoint, pasid, (domain as Extract<Domain, { kind: 'table' }>).handle);
+    if (errno !== undefined) {
+      if (created) tables.destroyTableDomain((domain as Extract<Domain, { kind: 'table' }>).handle);
+      this.log.warn({ endpoint, domain: domainId, pasid, errno }, 'attach table refused by the backend');
+      return errnoToStatus(errno, Status.UNSUPP);
+    }
+    if (created) this.domains.set(domainId, domain);
+    const tableDomain = domain as Extract<Domain, { kind: 'table' }>;
+    if (pasid === undefined) {
+      const previous = this.attachedTo.get(endpoint);
+      if (previous !== undefined) this.leaveDomain(endpoint, previous);
+      tableDomain.endpoints.add(endpoint);
+      this.attachedTo.set(endpoint, domainId);
+    } else {
+      const key = pasidKey(endpoint, pasid);
+      const previous = this.pasidBoundTo.get(key);
+      if (previous !== undefined) this.unbindPasid(key, previous);
+      tableDomain.pasids.add(key);
+      this.pasidBoundTo.set(key, domainId);
+    }
+    return Status.OK;
+  }
+
+  /** DETACH with a PASID (extension): unbinds that PASID from the table domain. */
+  private detachPasid(domainId: number, endpoint: number, pasid: number): Status {
+    const key = pasidKey(endpoint, pasid);
+    // As for DETACH (§5.13.6.2): not bound to that domain → INVAL.
+    if (this.pasidBoundTo.get(key) !== domainId) return Status.INVAL;
+    const errno = this.backend.tables!.detachPasid(endpoint, pasid);
+    if (errno !== undefined) {
+      this.log.error({ endpoint, pasid, errno }, 'backend refused to detach a PASID');
+      return Status.DEVERR;
+    }
+    this.unbindPasid(key, domainId);
+    return Status.OK;
+  }
+
+  private unbindPasid(key: string, domainId: number): void {
+    this.pasidBoundTo.delete(key);
+    const domain = this.domains.get(domainId);
+    if (domain?.kind !== 'table') return;
+    domain.pasids.delete(key);
+    if (domain.endpoints.size === 0 && domain.pasids.size === 0) this.destroyDomain(domain);
+  }
+
+  /**
+   * INVALIDATE (extension): the guest changed its table; cached translations of the domain (all,
+   * one PASID's — the domain has one table, so the same — or an address range) are dropped. Like
+   * UNMAP it completes only when no device can use a dropped entry any more.
+   */
+  private invalidate(request: Uint8Array, view: DataView): Status {
+    const scope = readField(view, InvalidateReq.scope);
+    const flags = readField(view, InvalidateReq.flags);
+    const domainId = readField(view, InvalidateReq.domain);
+    if (!isZero(request, InvalidateReq.reserved)) return Status.INVAL;
+    if ((flags & ~(InvalidateFlag.LEAF | InvalidateFlag.PASID | InvalidateFlag.ID | InvalidateFlag.GLOBAL)) !== 0) return Status.INVAL;
+    if (scope !== InvalidateScope.DOMAIN && scope !== InvalidateScope.PASID && scope !== InvalidateScope.ADDRESS) return Status.INVAL;
+    if (!this.domainInRange(domainId)) return Status.RANGE;
+    const domain = this.domains.get(domainId);
+    if (domain === undefined) return Status.NOENT;
+    if (domain.kind !== 'table') return Status.INVAL;
+    let range: { iova: bigint; length: bigint } | undefined;
+    if (scope === InvalidateScope.ADDRESS) {
+      const shift = readField(view, InvalidateReq.pageSize);
+      // page_size is log2 of the granule the address and count are in: 4 KiB to 1 GiB here.
+      const granuleShift = shift === 0 ? 12 : shift;
+      if (granuleShift < 12 || granuleShift > 30) return Status.INVAL;
+      const address = readField64(view, InvalidateReq.address);
+      const pages = readField64(view, InvalidateReq.nrPages);
+      const granule = 1n << BigInt(granuleShift);
+      if ((address & (granule - 1n)) !== 0n || pages === 0n) return Status.INVAL;
+      const length = pages * granule;
+      if (address + length - 1n > U64_MAX) return Status.RANGE;
+      range = { iova: address, length };
+    }
+    const errno = this.backend.tables!.invalidate(domain.handle, range, (flags & InvalidateFlag.LEAF) !== 0);
+    if (errno !== undefined) {
+      this.log.error({ domain: domainId, errno }, 'backend failed to invalidate');
+      return errnoToStatus(errno, Status.DEVERR);
+    }
+    return Status.OK;
   }
 
   // ---- domain bookkeeping -------------------------------------------------------------------
@@ -592,12 +809,29 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
     this.attachedTo.delete(endpoint);
     if (domain === undefined) return;
     domain.endpoints.delete(endpoint);
-    // §5.13.6.2: once every endpoint is detached, the domain ceases to exist.
-    if (domain.endpoints.size === 0) this.destroyDomain(domain);
+    // §5.13.6.2: once every endpoint is detached, the domain ceases to exist (a table domain
+    // lives on while PASIDs are still bound to it).
+    if (domain.endpoints.size === 0 && (domain.kind !== 'table' || domain.pasids.size === 0)) this.destroyDomain(domain);
   }
 
   private destroyDomain(domain: Domain): void {
     this.domains.delete(domain.id);
+    if (domain.kind === 'table') {
+      for (const key of [...domain.pasids]) {
+        const [ep, pasid] = key.split(':').map(Number) as [number, number];
+        this.pasidBoundTo.delete(key);
+        const errno = this.backend.tables!.detachPasid(ep, pasid);
+        if (errno !== undefined) this.log.error({ endpoint: ep, pasid, errno }, 'backend refused to detach a PASID');
+      }
+      domain.pasids.clear();
+      for (const ep of domain.endpoints) {
+        this.attachedTo.delete(ep);
+        this.unattachedMode(ep);
+      }
+      domain.endpoints.clear();
+      this.backend.tables!.destroyTableDomain(domain.handle);
+      return;
+    }
     if (domain.kind === 'paging') {
       for (const ep of domain.endpoints) {
         this.attachedTo.delete(ep);

@@ -17,6 +17,11 @@ export const IommuFeature = {
   PROBE: 4,
   MMIO: 5,
   BYPASS_CONFIG: 6,
+  /**
+   * Extension (the virtio-iommu page-table draft's bit): guest-owned stage-1 tables attached with
+   * ATTACH_TABLE, invalidated with INVALIDATE, per PASID. docs/nested.md has the wire layout.
+   */
+  ATTACH_TABLE: 7,
 } as const;
 export type IommuFeatureName = keyof typeof IommuFeature;
 
@@ -38,6 +43,10 @@ export const RequestType = {
   DETACH: 2,
   MAP: 3,
   UNMAP: 4,
+  /** Extension (ATTACH_TABLE feature). */
+  ATTACH_TABLE: 6,
+  /** Extension (ATTACH_TABLE feature). */
+  INVALIDATE: 7,
   PROBE: 5,
 } as const;
 
@@ -108,6 +117,59 @@ export const ProbeReq = {
   SIZE: 72,
 } as const;
 
+/**
+ * DETACH with ATTACH_TABLE negotiated: the first reserved bytes carry a PASID (the base spec's
+ * device ignores them, so a driver without the feature keeps them zero and nothing changes).
+ */
+export const DetachPasidReq = {
+  flags: { offset: 12, size: 4 },
+  pasid: { offset: 16, size: 4 },
+} as const;
+export const DetachFlag = { PASID: 1 } as const;
+
+/**
+ * struct virtio_iommu_req_attach_table (the draft's shape: domain, endpoint, format, a 111-byte
+ * format-specific descriptor). For format INTEL_PT (x86-64 first-stage tables) the descriptor is
+ * ours, written down in docs/nested.md.
+ */
+export const AttachTableReq = {
+  domain: { offset: 4, size: 4 },
+  endpoint: { offset: 8, size: 4 },
+  format: { offset: 12, size: 1 },
+  reserved0: { offset: 13, size: 3 },
+  /** AttachTableFlag bits. */
+  flags: { offset: 16, size: 4 },
+  /** With AttachTableFlag.PASID: the PASID the table serves; otherwise the endpoint's RID traffic. */
+  pasid: { offset: 20, size: 4 },
+  /** Guest-physical address of the stage-1 root table (4 KiB aligned). */
+  pgtbl: { offset: 24, size: 8 },
+  /** Input address width: 48 (4 levels) or 57 (5 levels). */
+  addrWidth: { offset: 32, size: 1 },
+  reserved1: { offset: 33, size: 91 },
+  SIZE: 124,
+} as const;
+export const AttachTableFormat = { ARM_SMMU3: 1, INTEL_PT: 2 } as const;
+export const AttachTableFlag = { PASID: 1 } as const;
+
+/** struct virtio_iommu_req_invalidate (draft layout). */
+export const InvalidateReq = {
+  scope: { offset: 4, size: 1 },
+  caches: { offset: 5, size: 1 },
+  flags: { offset: 6, size: 2 },
+  domain: { offset: 8, size: 4 },
+  pasid: { offset: 12, size: 4 },
+  id: { offset: 16, size: 8 },
+  address: { offset: 24, size: 8 },
+  nrPages: { offset: 32, size: 8 },
+  pageSize: { offset: 40, size: 1 },
+  reserved: { offset: 41, size: 19 },
+  SIZE: 60,
+} as const;
+/** What an INVALIDATE covers: the whole domain, one PASID of it, or an address range. */
+export const InvalidateScope = { DOMAIN: 1, PASID: 2, ADDRESS: 3 } as const;
+export const InvalidateCache = { PASID: 1, TLB: 2 } as const;
+export const InvalidateFlag = { LEAF: 1, PASID: 2, ID: 4, GLOBAL: 8 } as const;
+
 export const AttachFlag = { BYPASS: 1 } as const;
 export const MapFlag = { READ: 1, WRITE: 2, MMIO: 4 } as const;
 
@@ -119,7 +181,23 @@ export const ProbeProperty = {
   TYPE_MASK: 0x0fff,
 } as const;
 
-export const ProbePropertyType = { NONE: 0, RESV_MEM: 1 } as const;
+export const ProbePropertyType = { NONE: 0, RESV_MEM: 1, HW_INTEL_VTD: 3 } as const;
+
+/**
+ * PROBE property HW_INTEL_VTD (type from the page-table draft; the value is ours): what the
+ * endpoint's stage-1 support is. Present only with ATTACH_TABLE negotiated.
+ */
+export const ProbeHwIntelVtd = {
+  /** PASID width in bits (0: RID traffic only). */
+  pasidBits: { offset: 4, size: 1 },
+  /** Bit 0: 48-bit (4-level) tables; bit 1: 57-bit (5-level). */
+  addrWidths: { offset: 5, size: 1 },
+  reserved: { offset: 6, size: 2 },
+  /** Bit 0: hardware sets accessed/dirty bits in stage-1 entries. */
+  caps: { offset: 8, size: 8 },
+  SIZE: 16,
+  VALUE_LENGTH: 12,
+} as const;
 
 /** struct virtio_iommu_probe_resv_mem (header included). */
 export const ProbeResvMem = {
@@ -140,10 +218,11 @@ export const FaultRecord = {
   reserved: { offset: 1, size: 3 },
   flags: { offset: 4, size: 4 },
   endpoint: { offset: 8, size: 4 },
-  reserved1: { offset: 12, size: 4 },
+  /** With FaultFlag.PASID (extension): the PASID the faulting DMA carried; zero otherwise. */
+  pasid: { offset: 12, size: 4 },
   address: { offset: 16, size: 8 },
   SIZE: 24,
 } as const;
 
 export const FaultReason = { UNKNOWN: 0, DOMAIN: 1, MAPPING: 2 } as const;
-export const FaultFlag = { READ: 1, WRITE: 2, EXEC: 4, ADDRESS: 0x100 } as const;
+export const FaultFlag = { READ: 1, WRITE: 2, EXEC: 4, ADDRESS: 0x100, PASID: 0x200 } as const;

@@ -63,6 +63,7 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
       device.reportFault({
         reason: record.reason === FaultReason.DOMAIN ? 'DOMAIN' : record.reason === FaultReason.NONE ? 'UNKNOWN' : 'MAPPING',
         endpoint,
+        ...(record.pasid >= 0 ? { pasid: record.pasid } : {}),
         address: faultIova(record),
         read: (record.access & FaultAccess.READ) !== 0,
         write: (record.access & FaultAccess.WRITE) !== 0,
