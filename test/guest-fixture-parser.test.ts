@@ -22,7 +22,7 @@ describe('guest fixture parser', () => {
         { op: 'reset', note: 'why' },
       ],
     });
-    expect(f.device).toEqual({ driverFeatures: expect.arrayContaining(['MAP_UNMAP', 'BYPASS_CONFIG']), bootBypass: true });
+    expect(f.device).toEqual({ driverFeatures: expect.arrayContaining(['MAP_UNMAP', 'BYPASS_CONFIG']), bootBypass: true, attachTable: false, pasidBits: 0 });
     expect(f.memorySize).toBe(256 * 1024 * 1024);
     expect(f.steps[0]).toMatchObject({ op: 'attach', flags: [], expect: ['OK'] });
     expect(f.steps[1]).toMatchObject({ virtEnd: 0xffffffffffffffffn, expect: ['OK', 'RANGE'] });

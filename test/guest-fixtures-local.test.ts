@@ -12,12 +12,7 @@ describe('guest fixtures on the in-thread machine', () => {
     const source = JSON.parse(readFileSync(new URL(file, dir), 'utf8')) as Record<string, unknown>;
     const fixture = parseGuestFixture(source);
     rememberSource(fixture, source);
-    const machine = new LocalIommuMachine({
-      memorySize: fixture.memorySize,
-      endpoints: fixture.endpoints,
-      driverFeatures: fixture.device.driverFeatures,
-      device: { bootBypass: fixture.device.bootBypass },
-    });
+    const machine = LocalIommuMachine.forFixture(fixture);
     const result = await replayGuestFixture(fixture, machine);
     const failures = result.steps.filter((s) => !s.ok).map((s) => `step ${s.index} ${s.op}: expected ${JSON.stringify(s.expect)}, got ${JSON.stringify(s.actual, (_k, v: unknown) => (typeof v === 'bigint' ? `0x${v.toString(16)}` : v))}`);
     expect(failures).toEqual([]);

@@ -19,13 +19,7 @@ describe.each(['mmio', 'pci'] as const)('guest fixtures through workers over vir
     const source = JSON.parse(readFileSync(new URL(file, dir), 'utf8')) as Record<string, unknown>;
     const fixture = parseGuestFixture(source);
     rememberSource(fixture, source);
-    const machine = await WorkerReplayMachine.create({
-      memorySize: fixture.memorySize,
-      transport,
-      endpoints: fixture.endpoints,
-      driverFeatures: fixture.device.driverFeatures,
-      device: { bootBypass: fixture.device.bootBypass },
-    });
+    const machine = await WorkerReplayMachine.forFixture(fixture, transport);
     try {
       const result = await replayGuestFixture(fixture, machine);
       expect(failures(result.steps)).toEqual([]);

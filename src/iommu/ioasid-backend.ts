@@ -1,7 +1,8 @@
 import type { Logger } from '../log/logger.js';
 import { silentLogger } from '../log/logger.js';
 import { Context, IoasMapFlag, IommufdError, U64_MAX, X86_MSI_WINDOW } from '../ioasid/index.js';
-import type { Errno, IommuBackend, Mapping, PagingDomainHandle, ReservedRegion } from './backend.js';
+import type { Errno, IommuBackend, Mapping, PagingDomainHandle, ReservedRegion, TableBackend } from './backend.js';
+import { IoasidTables, canNest } from './ioasid-tables.js';
 
 /** One endpoint behind the IOMMU: its ID on the virtio side and its device in the backend. */
 export interface EndpointBinding {
@@ -27,12 +28,18 @@ export class IoasidIommuBackend implements IommuBackend {
   private readonly gone = new Set<number>();
   private readonly log: Logger;
 
+  /** Guest-owned stage-1 tables, when a guest RAM layout was given and the context can nest. */
+  readonly tables: TableBackend | undefined;
+
   constructor(
     readonly context: Context,
     endpoints: readonly EndpointBinding[],
     log: Logger = silentLogger,
+    /** Guest RAM regions: the guest-physical stage 2 under guest-owned tables. */
+    guestRam?: readonly { readonly base: number; readonly size: number }[],
   ) {
     this.log = log;
+    this.tables = guestRam !== undefined && canNest(context) ? new IoasidTables(context, (ep) => this.devIds.get(ep), guestRam, log) : undefined;
     for (const ep of endpoints) {
       const mates = ep.group === undefined ? [] : endpoints.filter((o) => o !== ep && o.group === ep.group).map((o) => o.endpoint);
       this.siblings.set(ep.endpoint, mates);

@@ -26,6 +26,8 @@ export const IOMMU_FEATURE_NAMES = [
   'PROBE',
   'MMIO',
   'BYPASS_CONFIG',
+  // Extension: accepted by the driver only if the device offers it (device.attachTable).
+  'ATTACH_TABLE',
 ] as const satisfies readonly IommuFeatureName[];
 
 export type RawExpect = StatusName | 'NONE';
@@ -47,7 +49,48 @@ export interface DetachStep extends StepBase {
   readonly op: 'detach';
   readonly domain: number;
   readonly endpoint: number;
+  /** Extension: detach only this PASID's table binding. */
+  readonly pasid?: number;
   readonly expect: readonly StatusName[];
+}
+/** Extension: bind a guest-owned x86-64 table (by `pageTable` name or root GPA) to an endpoint or PASID. */
+export interface AttachTableStep extends StepBase {
+  readonly op: 'attachTable';
+  readonly domain: number;
+  readonly endpoint: number;
+  readonly table?: string;
+  readonly root?: bigint;
+  readonly addrWidth?: 48 | 57;
+  readonly pasid?: number;
+  readonly format?: number;
+  readonly expect: readonly StatusName[];
+}
+/** Extension: INVALIDATE after the guest changed a table. */
+export interface InvalidateStep extends StepBase {
+  readonly op: 'invalidate';
+  readonly domain: number;
+  readonly scope: 'domain' | 'pasid' | 'address';
+  readonly pasid?: number;
+  readonly address?: bigint;
+  readonly pages?: bigint;
+  readonly pageShift?: number;
+  readonly leaf?: boolean;
+  readonly expect: readonly StatusName[];
+}
+export interface PageTableMapping {
+  readonly iova: bigint;
+  readonly gpa: bigint;
+  readonly size: '4K' | '2M' | '1G';
+  readonly write: boolean;
+  readonly user: boolean;
+}
+/** Extension: create or edit a guest x86-64 page table in guest memory (no request is sent). */
+export interface PageTableStep extends StepBase {
+  readonly op: 'pageTable';
+  readonly table: string;
+  readonly levels?: 4 | 5;
+  readonly map: readonly PageTableMapping[];
+  readonly unmap: readonly { readonly iova: bigint; readonly size: bigint }[];
 }
 export interface MapStep extends StepBase {
   readonly op: 'map';
@@ -83,7 +126,7 @@ export interface RawStep extends StepBase {
   readonly writable: number;
   readonly expect: readonly RawExpect[];
 }
-export type RequestStep = AttachStep | DetachStep | MapStep | UnmapStep | ProbeStep | RawStep;
+export type RequestStep = AttachStep | DetachStep | MapStep | UnmapStep | ProbeStep | RawStep | AttachTableStep | InvalidateStep;
 export interface BatchStep extends StepBase {
   readonly op: 'batch';
   readonly steps: readonly RequestStep[];
@@ -119,12 +162,14 @@ export interface ExpectFaultStep extends StepBase {
   readonly reason?: 'UNKNOWN' | 'DOMAIN' | 'MAPPING';
   readonly endpoint?: number;
   readonly address?: bigint;
-  readonly flags?: readonly ('READ' | 'WRITE' | 'EXEC' | 'ADDRESS')[];
+  readonly flags?: readonly ('READ' | 'WRITE' | 'EXEC' | 'ADDRESS' | 'PASID')[];
+  /** Extension: the PASID the record must carry. */
+  readonly pasid?: number;
 }
 export interface ResetStep extends StepBase {
   readonly op: 'reset';
 }
-export type GuestStep = RequestStep | BatchStep | ConfigStep | FeaturesStep | DmaStep | ExpectFaultStep | ResetStep;
+export type GuestStep = RequestStep | BatchStep | ConfigStep | FeaturesStep | DmaStep | ExpectFaultStep | ResetStep | PageTableStep;
 
 export interface GuestFixture {
   readonly format: typeof GUEST_FIXTURE_FORMAT;
@@ -133,6 +178,10 @@ export interface GuestFixture {
   readonly device: {
     readonly driverFeatures: readonly IommuFeatureName[];
     readonly bootBypass: boolean;
+    /** Extension: the device offers ATTACH_TABLE (guest-owned tables per PASID). */
+    readonly attachTable: boolean;
+    /** Extension: PASID width of every endpoint (0: none). */
+    readonly pasidBits: number;
   };
   readonly memorySize: number;
   readonly endpoints: readonly number[];
@@ -140,6 +189,19 @@ export interface GuestFixture {
 }
 
 export const DEFAULT_MEMORY_SIZE = 256 * 1024 * 1024;
+
+function numberIn<T extends number>(allowed: readonly T[]) {
+  return (v: unknown, p: string): T => {
+    if (typeof v !== 'number' || !(allowed as readonly number[]).includes(v)) throw new FixtureError(p, `expected one of ${allowed.join(', ')}`);
+    return v as T;
+  };
+}
+
+function expectPasid(v: unknown, p: string): number {
+  const n = expectU32(v, p);
+  if (n >= 1 << 20) throw new FixtureError(p, 'PASIDs have 20 bits');
+  return n;
+}
 
 const statusName = oneOf(STATUS_NAMES);
 const rawName = oneOf([...STATUS_NAMES, 'NONE'] as const);
@@ -156,7 +218,10 @@ function statusList<T extends string>(read: (v: unknown, p: string) => T) {
 
 const STEP_KEYS: Record<GuestStep['op'], readonly string[]> = {
   attach: ['domain', 'endpoint', 'flags', 'expect'],
-  detach: ['domain', 'endpoint', 'expect'],
+  detach: ['domain', 'endpoint', 'pasid', 'expect'],
+  attachTable: ['domain', 'endpoint', 'table', 'root', 'addrWidth', 'pasid', 'format', 'expect'],
+  invalidate: ['domain', 'scope', 'pasid', 'address', 'pages', 'pageShift', 'leaf', 'expect'],
+  pageTable: ['table', 'levels', 'map', 'unmap'],
   map: ['domain', 'virtStart', 'virtEnd', 'physStart', 'flags', 'expect'],
   unmap: ['domain', 'virtStart', 'virtEnd', 'expect'],
   probe: ['endpoint', 'expect', 'expectProperties'],
@@ -165,7 +230,7 @@ const STEP_KEYS: Record<GuestStep['op'], readonly string[]> = {
   config: ['set', 'expect'],
   features: ['expectOffered'],
   dma: ['endpoint', 'address', 'length', 'access', 'pasid', 'expect'],
-  expectFault: ['reason', 'endpoint', 'address', 'flags', 'none'],
+  expectFault: ['reason', 'endpoint', 'address', 'flags', 'pasid', 'none'],
   reset: [],
 };
 
@@ -177,7 +242,7 @@ function base(obj: JsonObject, op: GuestStep['op'], path: string): StepBase {
 }
 
 function parseRequestStep(obj: JsonObject, path: string): RequestStep {
-  const op = required(obj, 'op', path, oneOf(['attach', 'detach', 'map', 'unmap', 'probe', 'raw'] as const));
+  const op = required(obj, 'op', path, oneOf(['attach', 'detach', 'map', 'unmap', 'probe', 'raw', 'attachTable', 'invalidate'] as const));
   const b = base(obj, op, path);
   const expect = () => optional(obj, 'expect', path, statusList(statusName)) ?? (['OK'] as StatusName[]);
   switch (op) {
@@ -190,14 +255,58 @@ function parseRequestStep(obj: JsonObject, path: string): RequestStep {
         flags: optional(obj, 'flags', path, listOf(oneOf(['BYPASS'] as const))) ?? [],
         expect: expect(),
       };
-    case 'detach':
+    case 'detach': {
+      const pasid = optional(obj, 'pasid', path, expectPasid);
       return {
         op,
         ...b,
         domain: required(obj, 'domain', path, expectU32),
         endpoint: required(obj, 'endpoint', path, expectU32),
+        ...(pasid !== undefined ? { pasid } : {}),
         expect: expect(),
       };
+    }
+    case 'attachTable': {
+      const table = optional(obj, 'table', path, expectString);
+      const root = optional(obj, 'root', path, expectU64);
+      if ((table === undefined) === (root === undefined)) throw new FixtureError(path, 'attachTable needs exactly one of table and root');
+      const addrWidth = optional(obj, 'addrWidth', path, numberIn([48, 57] as const));
+      const pasid = optional(obj, 'pasid', path, expectPasid);
+      const format = optional(obj, 'format', path, expectU32);
+      return {
+        op,
+        ...b,
+        domain: required(obj, 'domain', path, expectU32),
+        endpoint: required(obj, 'endpoint', path, expectU32),
+        ...(table !== undefined ? { table } : {}),
+        ...(root !== undefined ? { root } : {}),
+        ...(addrWidth !== undefined ? { addrWidth } : {}),
+        ...(pasid !== undefined ? { pasid } : {}),
+        ...(format !== undefined ? { format: format & 0xff } : {}),
+        expect: expect(),
+      };
+    }
+    case 'invalidate': {
+      const scope = required(obj, 'scope', path, oneOf(['domain', 'pasid', 'address'] as const));
+      const pasid = optional(obj, 'pasid', path, expectPasid);
+      const address = optional(obj, 'address', path, expectU64);
+      const pages = optional(obj, 'pages', path, expectU64);
+      const pageShift = optional(obj, 'pageShift', path, expectU32);
+      const leaf = optional(obj, 'leaf', path, expectBoolean);
+      if (scope === 'address' && (address === undefined || pages === undefined)) throw new FixtureError(path, 'scope "address" needs address and pages');
+      return {
+        op,
+        ...b,
+        domain: required(obj, 'domain', path, expectU32),
+        scope,
+        ...(pasid !== undefined ? { pasid } : {}),
+        ...(address !== undefined ? { address } : {}),
+        ...(pages !== undefined ? { pages } : {}),
+        ...(pageShift !== undefined ? { pageShift: pageShift & 0xff } : {}),
+        ...(leaf !== undefined ? { leaf } : {}),
+        expect: expect(),
+      };
+    }
     case 'map':
       return {
         op,
@@ -273,6 +382,8 @@ function parseStep(value: unknown, path: string): GuestStep {
     case 'unmap':
     case 'probe':
     case 'raw':
+    case 'attachTable':
+    case 'invalidate':
       return parseRequestStep(obj, path);
     case 'batch': {
       const steps = required(obj, 'steps', path, (v, p) =>
@@ -335,7 +446,7 @@ function parseStep(value: unknown, path: string): GuestStep {
       const none = optional(obj, 'none', path, expectBoolean);
       const b = base(obj, op, path);
       if (none === true) {
-        for (const k of ['reason', 'endpoint', 'address', 'flags']) {
+        for (const k of ['reason', 'endpoint', 'address', 'flags', 'pasid']) {
           if (obj[k] !== undefined) throw new FixtureError(`${path}.${k}`, 'not allowed with "none": true');
         }
         return { op, ...b, none: true };
@@ -343,10 +454,12 @@ function parseStep(value: unknown, path: string): GuestStep {
       const reason = optional(obj, 'reason', path, oneOf(['UNKNOWN', 'DOMAIN', 'MAPPING'] as const));
       const endpoint = optional(obj, 'endpoint', path, expectU32);
       const address = optional(obj, 'address', path, expectU64);
-      const flags = optional(obj, 'flags', path, listOf(oneOf(['READ', 'WRITE', 'EXEC', 'ADDRESS'] as const)));
+      const flags = optional(obj, 'flags', path, listOf(oneOf(['READ', 'WRITE', 'EXEC', 'ADDRESS', 'PASID'] as const)));
+      const pasid = optional(obj, 'pasid', path, expectPasid);
       return {
         op,
         ...b,
+        ...(pasid !== undefined ? { pasid } : {}),
         ...(reason !== undefined ? { reason } : {}),
         ...(endpoint !== undefined ? { endpoint } : {}),
         ...(address !== undefined ? { address } : {}),
@@ -355,6 +468,31 @@ function parseStep(value: unknown, path: string): GuestStep {
     }
     case 'reset':
       return { op, ...base(obj, op, path) };
+    case 'pageTable': {
+      const table = required(obj, 'table', path, expectString);
+      const levels = optional(obj, 'levels', path, numberIn([4, 5] as const));
+      const map = optional(obj, 'map', path, (v, p) =>
+        expectArray(v, p).map((m, i): PageTableMapping => {
+          const q = `${p}[${i}]`;
+          const o = expectObject(m, q);
+          return {
+            iova: required(o, 'iova', q, expectU64),
+            gpa: required(o, 'gpa', q, expectU64),
+            size: optional(o, 'size', q, oneOf(['4K', '2M', '1G'] as const)) ?? '4K',
+            write: optional(o, 'write', q, expectBoolean) ?? true,
+            user: optional(o, 'user', q, expectBoolean) ?? false,
+          };
+        }),
+      ) ?? [];
+      const unmap = optional(obj, 'unmap', path, (v, p) =>
+        expectArray(v, p).map((m, i) => {
+          const q = `${p}[${i}]`;
+          const o = expectObject(m, q);
+          return { iova: required(o, 'iova', q, expectU64), size: required(o, 'size', q, expectU64) };
+        }),
+      ) ?? [];
+      return { op, ...base(obj, op, path), table, ...(levels !== undefined ? { levels } : {}), map, unmap };
+    }
     default:
       throw new FixtureError(`${path}.op`, `unknown op ${JSON.stringify(op)}`);
   }
@@ -374,6 +512,9 @@ export function parseGuestFixture(doc: unknown): GuestFixture {
     ...IOMMU_FEATURE_NAMES,
   ];
   const bootBypass = optional(device, 'bootBypass', '$.device', expectBoolean) ?? true;
+  const attachTable = optional(device, 'attachTable', '$.device', expectBoolean) ?? false;
+  const pasidBits = optional(device, 'pasidBits', '$.device', expectU32) ?? 0;
+  if (pasidBits > 20) throw new FixtureError('$.device.pasidBits', 'PASIDs have at most 20 bits');
   const memory = optional(top, 'memory', '$', expectObject);
   const memorySize = memory === undefined ? DEFAULT_MEMORY_SIZE : required(memory, 'size', '$.memory', expectSafe);
   if (memorySize < 1 << 20 || memorySize > 16 * 2 ** 30 || memorySize % 4096 !== 0) {
@@ -387,7 +528,7 @@ export function parseGuestFixture(doc: unknown): GuestFixture {
     format: GUEST_FIXTURE_FORMAT,
     name,
     ...(description !== undefined ? { description } : {}),
-    device: { driverFeatures, bootBypass },
+    device: { driverFeatures, bootBypass, attachTable, pasidBits },
     memorySize,
     endpoints,
     steps,

@@ -1,6 +1,9 @@
 import {
   encodeAttach,
+  encodeAttachTable,
   encodeDetach,
+  encodeDetachPasid,
+  encodeInvalidate,
   encodeMap,
   encodeProbe,
   encodeUnmap,
@@ -17,7 +20,10 @@ import type {
   RawExpect,
   RequestStep,
 } from './guest-fixture.js';
-import { hex } from './values.js';
+import { X86PageTableBuilder, memoryEntryWriter, type GuestPageAllocator, type X86PageSize } from '../../guest-fixtures/pagetable/x86-64-builder.js';
+import type { GuestMemory } from '../memory/index.js';
+import { X86_PAGE_1G, X86_PAGE_2M, X86_PAGE_4K } from '../pagetable/x86-64.js';
+import { FixtureError, hex } from './values.js';
 
 /** What a replay needs from a machine: the guest driver and the endpoints' DMA. */
 export interface GuestReplayMachine {
@@ -29,6 +35,10 @@ export interface GuestReplayMachine {
   flushFaults(): Promise<void>;
   /** Device reset and full re-initialisation by the driver; returns the new driver. */
   reset(): Promise<IommuGuestDriver>;
+  /** Guest memory, where `pageTable` steps write the guest's own tables. */
+  readonly memory: GuestMemory;
+  /** Guest pages for those tables (the guest's own allocations). */
+  readonly tablePages: GuestPageAllocator;
 }
 
 export interface StepResult {
@@ -58,18 +68,42 @@ const FAULT_FLAG_NAMES = [
   ['WRITE', FaultFlag.WRITE],
   ['EXEC', FaultFlag.EXEC],
   ['ADDRESS', FaultFlag.ADDRESS],
+  ['PASID', FaultFlag.PASID],
 ] as const;
 
 function statusName(status: number | 'NONE'): string {
   return status === 'NONE' ? 'NONE' : (STATUS_NAMES[status] ?? `status ${status}`);
 }
 
-function encode(step: RequestStep, probeSize: number): EncodedRequest {
+const PAGE_SIZES: Record<'4K' | '2M' | '1G', X86PageSize> = { '4K': X86_PAGE_4K, '2M': X86_PAGE_2M, '1G': X86_PAGE_1G };
+
+function encode(step: RequestStep, probeSize: number, tables: ReadonlyMap<string, X86PageTableBuilder>): EncodedRequest {
   switch (step.op) {
     case 'attach':
       return encodeAttach(step.domain, step.endpoint, step.flags.includes('BYPASS') ? AttachFlag.BYPASS : 0);
     case 'detach':
-      return encodeDetach(step.domain, step.endpoint);
+      return step.pasid !== undefined ? encodeDetachPasid(step.domain, step.endpoint, step.pasid) : encodeDetach(step.domain, step.endpoint);
+    case 'attachTable': {
+      const table = step.table !== undefined ? tables.get(step.table) : undefined;
+      if (step.table !== undefined && table === undefined) throw new FixtureError('table', `no page table named ${JSON.stringify(step.table)} was built before this step`);
+      const root = table !== undefined ? BigInt(table.root) : step.root!;
+      const addrWidth = step.addrWidth ?? (table?.levels === 5 ? 57 : 48);
+      return encodeAttachTable(step.domain, step.endpoint, {
+        root,
+        addrWidth,
+        ...(step.pasid !== undefined ? { pasid: step.pasid } : {}),
+        ...(step.format !== undefined ? { format: step.format } : {}),
+      });
+    }
+    case 'invalidate':
+      return encodeInvalidate(step.domain, {
+        scope: step.scope,
+        ...(step.pasid !== undefined ? { pasid: step.pasid } : {}),
+        ...(step.address !== undefined ? { address: step.address } : {}),
+        ...(step.pages !== undefined ? { pages: step.pages } : {}),
+        ...(step.pageShift !== undefined ? { pageShift: step.pageShift } : {}),
+        ...(step.leaf !== undefined ? { leaf: step.leaf } : {}),
+      });
     case 'map': {
       let flags = 0;
       if (step.flags.includes('READ')) flags |= MapFlag.READ;
@@ -98,6 +132,8 @@ export async function replayGuestFixture(fixture: GuestFixture, machine: GuestRe
   let probeSize = driver.readConfig().probeSize;
   const results: StepResult[] = [];
   const recordedSteps: Record<string, unknown>[] = [];
+  /** The guest's own x86-64 page tables, by the name `pageTable` steps give them. */
+  const tables = new Map<string, X86PageTableBuilder>();
 
   const checkRequest = (step: RequestStep, result: RequestResult): { ok: boolean; actual: string; recorded: Record<string, unknown> } => {
     const actual = statusName(result.status);
@@ -134,13 +170,15 @@ export async function replayGuestFixture(fixture: GuestFixture, machine: GuestRe
         case 'map':
         case 'unmap':
         case 'probe':
-        case 'raw': {
-          const r = checkRequest(step, driver.request(encode(step, probeSize)));
+        case 'raw':
+        case 'attachTable':
+        case 'invalidate': {
+          const r = checkRequest(step, driver.request(encode(step, probeSize, tables)));
           push({ expect: step.expect, actual: r.actual, ok: r.ok, skipped: false }, { ...original, ...r.recorded });
           break;
         }
         case 'batch': {
-          const out = driver.batch(step.steps.map((s) => encode(s, probeSize)));
+          const out = driver.batch(step.steps.map((s) => encode(s, probeSize, tables)));
           const checks = step.steps.map((s, i) => checkRequest(s, out[i]!));
           const innerOriginal = (original.steps as Record<string, unknown>[] | undefined) ?? [];
           push(
@@ -203,7 +241,22 @@ export async function replayGuestFixture(fixture: GuestFixture, machine: GuestRe
           if (step.endpoint !== undefined) ok &&= fault.endpoint === step.endpoint;
           if (step.address !== undefined) ok &&= (fault.flags & FaultFlag.ADDRESS) !== 0 && fault.address === step.address;
           if (step.flags !== undefined) ok &&= sameSet(flags, step.flags);
+          if (step.pasid !== undefined) ok &&= (fault.flags & FaultFlag.PASID) !== 0 && fault.pasid === step.pasid;
           push({ expect: describeExpected(step), actual: describeFault(fault), ok, skipped: false }, recordFault(original, fault));
+          break;
+        }
+        case 'pageTable': {
+          // The guest edits its own table in its memory; no request reaches the device.
+          let table = tables.get(step.table);
+          if (table === undefined) {
+            table = new X86PageTableBuilder({ allocator: machine.tablePages, write: memoryEntryWriter(machine.memory), levels: step.levels ?? 4 });
+            tables.set(step.table, table);
+          }
+          for (const m of step.map) {
+            table.map(m.iova, Number(m.gpa), PAGE_SIZES[m.size], { writable: m.write, user: m.user, executable: true });
+          }
+          for (const u of step.unmap) table.unmap(u.iova, u.size);
+          push({ expect: null, actual: { root: hex(BigInt(table.root)), levels: table.levels }, ok: true, skipped: false }, original);
           break;
         }
         case 'reset': {
@@ -234,6 +287,7 @@ interface FaultLike {
   readonly flags: number;
   readonly endpoint: number;
   readonly address: bigint;
+  readonly pasid: number;
 }
 
 function describeFault(f: FaultLike): Record<string, unknown> {
@@ -241,12 +295,14 @@ function describeFault(f: FaultLike): Record<string, unknown> {
     reason: REASONS[f.reason] ?? f.reason,
     endpoint: f.endpoint,
     ...((f.flags & FaultFlag.ADDRESS) !== 0 ? { address: hex(f.address) } : {}),
+    ...((f.flags & FaultFlag.PASID) !== 0 ? { pasid: f.pasid } : {}),
     flags: FAULT_FLAG_NAMES.filter(([, bit]) => (f.flags & bit) !== 0).map(([n]) => n),
   };
 }
 
 function recordFault(original: Record<string, unknown>, f: FaultLike): Record<string, unknown> {
-  const { none: _none, reason: _r, endpoint: _e, address: _a, flags: _f, ...rest } = original;
+  const { none: _none, reason: _r, endpoint: _e, address: _a, flags: _f, pasid: _p, ...rest } = original;
+  void _p;
   void _none;
   void _r;
   void _e;
@@ -255,8 +311,9 @@ function recordFault(original: Record<string, unknown>, f: FaultLike): Record<st
   return { ...rest, ...describeFault(f) };
 }
 
-function describeExpected(step: { reason?: string; endpoint?: number; address?: bigint; flags?: readonly string[] }): Record<string, unknown> {
+function describeExpected(step: { reason?: string; endpoint?: number; address?: bigint; flags?: readonly string[]; pasid?: number }): Record<string, unknown> {
   return {
+    ...(step.pasid !== undefined ? { pasid: step.pasid } : {}),
     ...(step.reason !== undefined ? { reason: step.reason } : {}),
     ...(step.endpoint !== undefined ? { endpoint: step.endpoint } : {}),
     ...(step.address !== undefined ? { address: hex(step.address) } : {}),

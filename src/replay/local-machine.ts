@@ -1,5 +1,6 @@
 import { GuestAllocator } from '../../guest-fixtures/driver/allocator.js';
 import { IommuGuestDriver } from '../../guest-fixtures/driver/iommu-driver.js';
+import { pagesFromAllocator, type GuestPageAllocator } from '../../guest-fixtures/pagetable/x86-64-builder.js';
 import { MmioDriverTransport } from '../../guest-fixtures/driver/mmio.js';
 import { IommufdHost, X86_MSI_WINDOW, type Context } from '../ioasid/index.js';
 import { VirtioIommuDevice, type VirtioIommuOptions } from '../iommu/device.js';
@@ -10,6 +11,7 @@ import { silentLogger } from '../log/logger.js';
 import { GuestMemory } from '../memory/index.js';
 import { MmioTransport } from '../virtio/mmio.js';
 import { endpointDeviceName } from '../vmm/iommu-machine.js';
+import type { GuestFixture } from './guest-fixture.js';
 import type { GuestReplayMachine } from './guest-runner.js';
 
 export interface LocalMachineOptions {
@@ -17,6 +19,8 @@ export interface LocalMachineOptions {
   readonly endpoints: readonly number[];
   readonly driverFeatures: readonly IommuFeatureName[];
   readonly device?: Omit<VirtioIommuOptions, 'endpoints' | 'log'>;
+  /** PASID width of every endpoint's device (default 0). */
+  readonly pasidBits?: number;
   readonly log?: Logger;
 }
 
@@ -43,12 +47,13 @@ export class LocalIommuMachine implements GuestReplayMachine {
   driver: IommuGuestDriver;
   private readonly allocator: GuestAllocator;
   private readonly driverFeatures: readonly IommuFeatureName[];
+  readonly tablePages: GuestPageAllocator;
 
   constructor(options: LocalMachineOptions) {
     const log = options.log ?? silentLogger;
     this.memory = GuestMemory.create(options.memorySize);
     this.host = new IommufdHost(this.memory, {
-      devices: options.endpoints.map((ep) => ({ name: endpointDeviceName(ep), group: ep, reservedRegions: [X86_MSI_WINDOW] })),
+      devices: options.endpoints.map((ep) => ({ name: endpointDeviceName(ep), group: ep, reservedRegions: [X86_MSI_WINDOW], pasidBits: options.pasidBits ?? 0 })),
       log,
     });
     this.context = this.host.open();
@@ -56,13 +61,26 @@ export class LocalIommuMachine implements GuestReplayMachine {
       this.context,
       options.endpoints.map((ep) => ({ endpoint: ep, device: endpointDeviceName(ep), reservedRegions: [X86_MSI_WINDOW] })),
       log,
+      this.memory.describe().regions.map((r) => ({ base: r.base, size: r.buffer.byteLength })),
     );
     this.device = new VirtioIommuDevice(this.backend, { ...options.device, endpoints: options.endpoints, log });
     this.transport = new MmioTransport(this.device, this.memory, { irq: { set: () => undefined }, log });
     const arena = driverArena(options.memorySize);
     this.allocator = new GuestAllocator(arena.base, arena.size);
+    this.tablePages = pagesFromAllocator(this.allocator);
     this.driverFeatures = options.driverFeatures;
     this.driver = this.openDriver();
+  }
+
+  /** The machine a guest fixture asks for (its memory, endpoints and device keys). */
+  static forFixture(fixture: GuestFixture): LocalIommuMachine {
+    return new LocalIommuMachine({
+      memorySize: fixture.memorySize,
+      endpoints: fixture.endpoints,
+      driverFeatures: fixture.device.driverFeatures,
+      device: { bootBypass: fixture.device.bootBypass, ...(fixture.device.attachTable ? { attachTable: true } : {}) },
+      ...(fixture.device.pasidBits > 0 ? { pasidBits: fixture.device.pasidBits } : {}),
+    });
   }
 
   private openDriver(): IommuGuestDriver {
@@ -82,6 +100,7 @@ export class LocalIommuMachine implements GuestReplayMachine {
       this.device.reportFault({
         reason: result.fault.reason === 'DOMAIN' ? 'DOMAIN' : 'MAPPING',
         endpoint,
+        ...(pasid !== undefined ? { pasid } : {}),
         address: result.fault.iova,
         read: access === 'read',
         write: access === 'write',

@@ -3,10 +3,13 @@ import { IommuGuestDriver } from '../../guest-fixtures/driver/iommu-driver.js';
 import { MmioDriverTransport } from '../../guest-fixtures/driver/mmio.js';
 import { PciDriverTransport } from '../../guest-fixtures/driver/pci.js';
 import type { DriverTransport } from '../../guest-fixtures/driver/transport.js';
+import { pagesFromAllocator, type GuestPageAllocator } from '../../guest-fixtures/pagetable/x86-64-builder.js';
+import type { GuestMemory } from '../memory/index.js';
 import type { IommuFeatureName } from '../iommu/layout.js';
 import type { TransportKind } from '../runtime/device-worker-protocol.js';
 import type { MmioBus, PciBus } from '../virtio/bus.js';
 import { IommuMachine, type IommuMachineOptions } from '../vmm/iommu-machine.js';
+import type { GuestFixture } from './guest-fixture.js';
 import type { GuestReplayMachine } from './guest-runner.js';
 import { driverArena } from './local-machine.js';
 
@@ -19,6 +22,8 @@ export interface WorkerReplayOptions {
   readonly endpoints: readonly number[];
   readonly driverFeatures: readonly IommuFeatureName[];
   readonly device?: IommuMachineOptions['device'];
+  /** PASID width of every endpoint's device (default 0). */
+  readonly pasidBits?: number;
 }
 
 /**
@@ -30,6 +35,8 @@ export class WorkerReplayMachine implements GuestReplayMachine {
   readonly canDma = true;
   driver: IommuGuestDriver;
   private readonly allocator: GuestAllocator;
+  readonly tablePages: GuestPageAllocator;
+  readonly memory: GuestMemory;
 
   private constructor(
     readonly machine: IommuMachine,
@@ -37,6 +44,8 @@ export class WorkerReplayMachine implements GuestReplayMachine {
   ) {
     const arena = driverArena(machine.memory.size);
     this.allocator = new GuestAllocator(arena.base, arena.size);
+    this.tablePages = pagesFromAllocator(this.allocator);
+    this.memory = machine.memory;
     this.driver = this.openDriver();
   }
 
@@ -44,7 +53,7 @@ export class WorkerReplayMachine implements GuestReplayMachine {
     const machine = await IommuMachine.create({
       memorySize: options.memorySize,
       transport: options.transport,
-      endpoints: options.endpoints,
+      endpoints: options.endpoints.map((id) => ({ id, ...(options.pasidBits !== undefined ? { pasidBits: options.pasidBits } : {}) })),
       ...(options.device !== undefined ? { device: options.device } : {}),
     });
     try {
@@ -53,6 +62,18 @@ export class WorkerReplayMachine implements GuestReplayMachine {
       await machine.close();
       throw err;
     }
+  }
+
+  /** The machine a guest fixture asks for (its memory, endpoints and device keys). */
+  static forFixture(fixture: GuestFixture, transport: TransportKind): Promise<WorkerReplayMachine> {
+    return WorkerReplayMachine.create({
+      memorySize: fixture.memorySize,
+      transport,
+      endpoints: fixture.endpoints,
+      driverFeatures: fixture.device.driverFeatures,
+      device: { bootBypass: fixture.device.bootBypass, ...(fixture.device.attachTable ? { attachTable: true } : {}) },
+      ...(fixture.device.pasidBits > 0 ? { pasidBits: fixture.device.pasidBits } : {}),
+    });
   }
 
   private openDriver(): IommuGuestDriver {

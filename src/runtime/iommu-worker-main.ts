@@ -41,6 +41,7 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
     context,
     start.endpoints.map((ep) => ({ endpoint: ep.id, device: ep.device, reservedRegions: ep.reservedRegions, group: ep.group })),
     log,
+    start.memory.regions.map((r) => ({ base: r.base, size: r.buffer.byteLength })),
   );
   const endpointOfRow = new Map<number, number>();
   for (const ep of start.endpoints) endpointOfRow.set(context.deviceRow(backend.deviceId(ep.id)!), ep.id);
