@@ -1,5 +1,7 @@
 import { readFile, rename, writeFile } from 'node:fs/promises';
 import type { TransportKind } from '../runtime/device-worker-protocol.js';
+import { isBackendFixtureDocument, parseBackendFixture, type BackendFixture } from '../replay/backend-fixture.js';
+import { replayBackendFixture } from '../replay/backend-runner.js';
 import { parseGuestFixture, type GuestFixture } from '../replay/guest-fixture.js';
 import { rememberSource, replayGuestFixture, type ReplayResult, type StepResult } from '../replay/guest-runner.js';
 import { FixtureError } from '../replay/values.js';
@@ -29,9 +31,9 @@ function show(raw: unknown): string {
 }
 
 /** One line per step: index, op, what was expected, what happened, the verdict. */
-export function stepLine(s: StepResult): string {
+export function stepLine(s: StepResult & { readonly skipReason?: string }): string {
   const verdict = s.skipped ? 'skipped' : s.ok ? 'ok' : 'FAIL';
-  const note = s.skipped ? ' (this machine cannot issue device DMA)' : '';
+  const note = s.skipped ? ` (${s.skipReason ?? 'this machine cannot issue device DMA'})` : '';
   return `${String(s.index).padStart(4)} ${s.op.padEnd(11)} expect ${show(s.expect).padEnd(10)} actual ${show(s.actual).padEnd(10)} ${verdict}${note}`;
 }
 
@@ -40,7 +42,10 @@ export function summaryLine(r: Pick<ReplayResult, 'passed' | 'failed' | 'skipped
   return `${r.passed} passed, ${r.failed} failed${r.skipped > 0 ? `, ${r.skipped} skipped` : ''}`;
 }
 
-async function load(file: string): Promise<GuestFixture> {
+/** A fixture file, of either kind: the `format` field tells them apart. */
+type Loaded = { readonly kind: 'guest'; readonly fixture: GuestFixture } | { readonly kind: 'backend'; readonly fixture: BackendFixture; readonly doc: Record<string, unknown> };
+
+async function load(file: string): Promise<Loaded> {
   let text: string;
   try {
     text = await readFile(file, 'utf8');
@@ -53,9 +58,10 @@ async function load(file: string): Promise<GuestFixture> {
   } catch (err) {
     throw new FixtureError('$', `${file} is not JSON: ${(err as Error).message}`);
   }
+  if (isBackendFixtureDocument(doc)) return { kind: 'backend', fixture: parseBackendFixture(doc), doc: doc as Record<string, unknown> };
   const fixture = parseGuestFixture(doc);
   rememberSource(fixture, doc as Record<string, unknown>);
-  return fixture;
+  return { kind: 'guest', fixture };
 }
 
 /**
@@ -67,9 +73,9 @@ export async function runReplay(options: ReplayOptions): Promise<number> {
   const write = options.write ?? ((line: string) => process.stdout.write(`${line}\n`));
   let allOk = true;
   for (const file of options.files) {
-    let fixture: GuestFixture;
+    let loaded: Loaded;
     try {
-      fixture = await load(file);
+      loaded = await load(file);
     } catch (err) {
       if (!(err instanceof FixtureError)) throw err;
       allOk = false;
@@ -77,19 +83,20 @@ export async function runReplay(options: ReplayOptions): Promise<number> {
       else write(`${file}: invalid fixture: ${err.message}`);
       continue;
     }
-    const machine = await WorkerReplayMachine.create({
-      memorySize: fixture.memorySize,
-      transport: options.transport,
-      endpoints: fixture.endpoints,
-      driverFeatures: fixture.device.driverFeatures,
-      device: { bootBypass: fixture.device.bootBypass },
-    });
     let result: ReplayResult;
-    try {
-      if (!options.json) write(`== ${fixture.name} (${file}, virtio-${options.transport})`);
-      result = await replayGuestFixture(fixture, machine);
-    } finally {
-      await machine.close();
+    if (loaded.kind === 'backend') {
+      // A backend fixture drives the ioasid backend directly: no virtio, so no transport.
+      if (!options.json) write(`== ${loaded.fixture.name} (${file}, ioasid backend)`);
+      result = await replayBackendFixture(loaded.fixture, { source: loaded.doc });
+    } else {
+      const { fixture } = loaded;
+      const machine = await WorkerReplayMachine.forFixture(fixture, options.transport);
+      try {
+        if (!options.json) write(`== ${fixture.name} (${file}, virtio-${options.transport})`);
+        result = await replayGuestFixture(fixture, machine);
+      } finally {
+        await machine.close();
+      }
     }
     if (result.failed > 0) allOk = false;
     if (options.json) {
