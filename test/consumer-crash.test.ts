@@ -5,6 +5,7 @@ import { GuestDmaView } from '../guest-fixtures/driver/dma-view.js';
 import { IommuGuestDriver } from '../guest-fixtures/driver/iommu-driver.js';
 import { encodeAttach, encodeDetach, encodeMap, encodeUnmap, type EncodedRequest } from '../guest-fixtures/driver/iommu-requests.js';
 import { MmioDriverTransport } from '../guest-fixtures/driver/mmio.js';
+import { PciDriverTransport } from '../guest-fixtures/driver/pci.js';
 import { NetDriver } from '../guest-fixtures/driver/net-driver.js';
 import { DmaEngineCommand, DmaEngineReg, DmaEngineStatus } from '../src/devices/dma-engine.js';
 import { MapFlag, Status } from '../src/iommu/layout.js';
@@ -91,5 +92,25 @@ describe('a consumer worker that dies mid-traffic', () => {
     expect(back.kind === 'packet' ? back.frame : back).toEqual(frame);
     const stats = await m.iommu.control.stats();
     expect(stats.device.requests).toBeGreaterThanOrEqual(6);
+  });
+});
+
+describe('an iommu worker that dies', () => {
+  it('is reported by the machine, and the guest driver fails at once instead of waiting out its timeouts', async () => {
+    const m = (machine = await IommuMachine.create({ memorySize: 16 << 20, transport: 'pci', endpoints: [ENGINE] }));
+    const arena = driverArena(16 << 20);
+    const iommu = IommuGuestDriver.open({
+      transport: new PciDriverTransport(m.iommu.bus as PciBus, { bar0Address: 0xe000_0000 }),
+      memory: m.memory,
+      allocator: new GuestAllocator(arena.base, arena.size),
+      interrupts: m.iommu.interrupts,
+    });
+    expect(iommu.request(encodeAttach(1, ENGINE)).status).toBe(Status.OK);
+    expect(m.iommuFailure).toBeUndefined();
+    await m.iommu.worker.terminate();
+    expect(m.iommuFailure?.message).toMatch(/virtio-iommu: worker exited with code/);
+    const t0 = Date.now();
+    expect(() => iommu.request(encodeDetach(1, ENGINE), 30_000)).toThrow(/stopped/);
+    expect(Date.now() - t0).toBeLessThan(2000);
   });
 });

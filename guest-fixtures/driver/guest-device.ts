@@ -122,6 +122,8 @@ export class GuestDevice {
           continue;
         }
         acked = false;
+        // A device whose worker is gone will never answer: fail now, not at the timeout.
+        if (this.interrupts.deviceGone) throw new GuestDeviceError('device worker has stopped', 0);
         this.interrupts.wait(seen, Math.min(left, 100));
         const causes = this.transport.takeInterrupts();
         if (causes & 2) {

@@ -1,4 +1,4 @@
-import { DeviceSignal } from './signals.js';
+import { DeviceSignal, WorkerState } from './signals.js';
 
 /**
  * The guest side of a device's interrupt output: waits for the interrupt count in the signal block
@@ -18,6 +18,12 @@ export class InterruptWaiter {
   /** Interrupts raised so far (wraps at 2^32). */
   get count(): number {
     return Atomics.load(this.signals, DeviceSignal.IRQ_COUNT);
+  }
+
+  /** Whether the device's worker has stopped or crashed: no interrupt will ever come. */
+  get deviceGone(): boolean {
+    const state = Atomics.load(this.signals, DeviceSignal.WORKER_STATE);
+    return state === WorkerState.STOPPED || state === WorkerState.CRASHED;
   }
 
   /** Pending causes as the transport last published them (InterruptCause bits). */

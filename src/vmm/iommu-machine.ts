@@ -193,6 +193,15 @@ export class IommuMachine {
     );
   }
 
+  /**
+   * Why the virtio-iommu worker is gone, if it died: the machine has lost its IOMMU (no request
+   * is served, no fault delivered). Consumers' register accesses still work; the guest's IOMMU
+   * driver gets errors at once instead of waiting for timeouts.
+   */
+  get iommuFailure(): DeviceWorkerError | undefined {
+    return this.closed ? undefined : this.iommu.failure;
+  }
+
   /** Resolves once every consumer failure seen so far has been handled by the iommu worker. */
   async settled(): Promise<void> {
     await Promise.all(this.settling);
