@@ -872,7 +872,7 @@ describe('isolation groups, reserved regions, PASIDs, translation', () => {
     expectErrno(host, 'EINVAL', () => ctx.deviceAttach(solo, plain, 3));
     expectErrno(host, 'EINVAL', () => ctx.deviceAttach(solo, ioas, 3));
     expectErrno(host, 'EINVAL', () => ctx.deviceAttach(solo, pasidHwpt, 16));
-    expectErrno(host, 'EOPNOTSUPP', () => ctx.deviceAttach(fn0, pasidHwpt, 3));
+    expectErrno(host, 'EINVAL', () => ctx.deviceAttach(fn0, pasidHwpt, 3));
     expectErrno(host, 'EINVAL', () => ctx.deviceAttach(solo, pasidHwpt, 1 << 20));
     ctx.deviceAttach(solo, pasidHwpt, 3);
     // The RID is still blocked; PASID 3 translates; PASID 4 is blocked.

@@ -317,7 +317,7 @@ class Model {
   setHuge(ioasId: number, on: boolean): Res<bigint> {
     return attempt(() => {
       const ioas = this.getIoas(ioasId);
-      if (!on && [...this.hwpts.values()].some((h) => h.ioas === ioasId) && ioas.areas.length > 0) fail('EINVAL');
+      if (!on && ioas.huge && [...this.hwpts.values()].some((h) => h.ioas === ioasId) && ioas.areas.length > 0) fail('EINVAL');
       ioas.huge = on;
       return 0n;
     });

@@ -614,8 +614,10 @@ export class Context {
   deviceAttach(devId: number, ptId: number, pasid = 0): number {
     return this.runNarrowing('deviceAttach', false, () => {
       const dev = this.getDevice(devId);
-      const p = this.checkPasid(dev, pasidArg(pasid));
+      const requested = pasidArg(pasid);
+      // iommufd_device_change_pt looks the pt_id up (ENOENT) before the driver judges the PASID.
       const pt = this.lookup(ptId, 'ptId');
+      const p = this.checkPasid(dev, requested);
       const attached = this.isAttached(dev, p);
       switch (pt.type) {
         case 'HWPT_PAGING':
@@ -679,8 +681,9 @@ export class Context {
 
   private checkPasid(dev: BoundDevice, pasid: number): number {
     if (pasid === 0) return 0;
-    // iommu_attach_device_pasid: a device without PASID support cannot take a PASID domain.
-    if (dev.phys.pasidBits === 0) throw new IommufdError('EOPNOTSUPP', `device '${dev.phys.name}' has no PASID support`, 'pasid');
+    // iommu_attach_device_pasid: pasid >= max_pasids is -EINVAL, and a device without PASID
+    // support has max_pasids 0 (the selftest's no_pasid variant expects EINVAL here).
+    if (dev.phys.pasidBits === 0) throw new IommufdError('EINVAL', `device '${dev.phys.name}' has no PASID support`, 'pasid');
     for (const d of dev.igroup.devices) {
       // iommu_attach_device_pasid: a PASID at or above a group device's max_pasids is -EINVAL.
       if (d.phys.pasidBits > 0 && pasid >= 2 ** d.phys.pasidBits) {
@@ -1078,6 +1081,8 @@ export class Context {
           if (op === IommuOptionOp.GET) return ioas.hugePages ? 1n : 0n;
           if (op !== IommuOptionOp.SET) throw new IommufdError('EOPNOTSUPP', `unknown option op ${op}`, 'op');
           if (value === 0n) {
+            // iopt_disable_large_pages: already off is success, before any other check.
+            if (!ioas.hugePages) return 0n;
             // iopt_disable_large_pages: not while HWPTs already map areas: -EINVAL.
             if (ioas.hwpts.size > 0 && ioas.table.mappedPages > 0) {
               throw new IommufdError('EINVAL', 'huge pages cannot be turned off while HWPTs map areas', 'value');
