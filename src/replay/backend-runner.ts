@@ -117,7 +117,8 @@ const DETAILS: Record<string, DetailSpec> = {
 function fieldsHold(want: unknown, got: unknown): boolean {
   const w = want as Record<string, unknown>;
   const g = got as Record<string, unknown>;
-  return Object.entries(w).every(([k, v]) => (k === 'capabilities' ? same([...(v as string[])].sort(), [...(g[k] as string[])].sort()) : same(v, g[k])));
+  const sorted = (list: unknown): unknown => (Array.isArray(list) ? [...(list as string[])].sort() : list);
+  return Object.entries(w).every(([k, v]) => (k === 'capabilities' ? same(sorted(v), sorted(g[k])) : same(v, g[k])));
 }
 
 /** A mistake the parser cannot see: a name whose binding step failed, a device never bound. */
@@ -148,7 +149,7 @@ function same(a: unknown, b: unknown): boolean {
 }
 
 /**
- * The first place two snapshots differ, as a path ("contexts[0].ioas[1].areas[0].length"), or
+ * The first place two snapshots differ, as a path ("$.contexts[0].ioas[1].areas[0].length"), or
  * undefined when they are equal. Bigints compare by value.
  */
 export function firstDifference(a: unknown, b: unknown, path = '$'): string | undefined {
