@@ -118,6 +118,12 @@ describe('backend fixture parser', () => {
     ).not.toThrow();
   });
 
+  it('limits how many contexts a fixture opens (each reserves a table pool)', () => {
+    const cycle = (n: number) => Array.from({ length: n }, () => [{ op: 'open', name: 'fd' }, { op: 'close', context: 'fd' }]).flat();
+    expect(() => parseBackendFixture({ ...minimal, steps: cycle(256) })).not.toThrow();
+    expect(pathOf({ ...minimal, steps: cycle(257) })).toBe('$.steps[512]');
+  });
+
   it('throws only FixtureError on arbitrary and mutated documents (property)', () => {
     const anyValue = fc.oneof(
       fc.jsonValue(),

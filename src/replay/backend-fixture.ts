@@ -344,6 +344,8 @@ export const DEFAULT_CONTEXT = 'default';
 export const MAX_STEP_BYTES = 16 << 20;
 const MAX_STEPS = 100_000;
 const MAX_DEVICES = 256;
+/** Each open context reserves its own table pool: a hostile fixture may not open thousands. */
+const MAX_OPENS = 256;
 const MAX_LIST = 4096;
 
 const PAGE = 4096;
@@ -518,6 +520,7 @@ function parseDevice(value: unknown, path: string): DeviceDecl {
 class Scope {
   readonly names = new Set<string>();
   readonly contexts = new Map<string, boolean>([[DEFAULT_CONTEXT, true]]);
+  opens = 0;
   constructor(readonly devices: ReadonlySet<string>) {}
 }
 
@@ -589,6 +592,7 @@ function parseStep(value: unknown, path: string, memorySize: number, scope: Scop
       const name = required(obj, 'name', path, expectString);
       if (name === '' || name.length > 200) throw new FixtureError(`${path}.name`, 'a context name must have 1 to 200 characters');
       if (scope.contexts.get(name) === true) throw new FixtureError(`${path}.name`, `context ${JSON.stringify(name)} is already open`);
+      if (++scope.opens > MAX_OPENS) throw new FixtureError(path, `at most ${MAX_OPENS} open steps`);
       scope.contexts.set(name, true);
       return { op: 'open', ...base, expect: plainExpect(), name };
     }
