@@ -1,6 +1,6 @@
 import type { Logger } from '../log/logger.js';
-import { GPA_LIMIT } from '../memory/index.js';
-import { EntryFlag, PAGE_SIZE, PAGE_SIZE_N } from '../pagetable/format.js';
+import { GPA_LIMIT, type GuestMemoryDescriptor } from '../memory/index.js';
+import { EntryFlag, MAX_IOVA_PFN, PAGE_SIZE, PAGE_SIZE_N } from '../pagetable/format.js';
 import { TablePool, type TablePoolDescriptor } from '../pagetable/pool.js';
 import { IoPageTable } from '../pagetable/radix.js';
 import { emptyLeafInfo } from '../pagetable/walk.js';
@@ -18,22 +18,33 @@ import {
 } from './device-table.js';
 import { IommufdError } from './errors.js';
 import type { IommufdHost } from './host.js';
-import { HwptPaging, type Hwpt, type HwptNested } from './hwpt.js';
+import { HwptNested, HwptPaging, type Hwpt } from './hwpt.js';
 import { Ioas, iovaOf, pfnOf, type AreaPart, type AreaSlice } from './ioas.js';
 import { ObjectTable, type ObjectType } from './objects.js';
 import type { QuiescenceOwner } from './quiescence.js';
+import { ALL_PFNS, appendInvalidations, createStage1Record, releaseStage1Record, type PfnRange } from './stage1-record.js';
 import {
   AccessRwFlag,
   HwCap,
   HwInfoType,
   HwptAllocFlag,
   HwptDataType,
+  HwptInvalidateDataType,
   IOAS_MAP_VALID_FLAGS,
   IoasMapFlag,
   IommuOption,
   IommuOptionOp,
+  MAX_PASID_BITS,
   U64_MAX,
+  VTD_ADDR_WIDTH_4LEVEL,
+  VTD_ADDR_WIDTH_5LEVEL,
+  VTD_S1_DATA_SIZE,
+  VTD_S1_VALID_FLAGS,
+  VtdEcap,
+  VtdInvalidateFlag,
+  VtdS1Flag,
 } from './uapi.js';
+import { decodeVtdS1, encodeVtdHwInfo, vtdHwInfo } from './vtd.js';
 import { flagsArg, gpaArg, pasidArg, u32Arg, u64Arg } from './validate.js';
 
 type AnyObject = Ioas | Hwpt | BoundDevice | Access;
@@ -54,6 +65,21 @@ export interface HwptAllocArgs {
   /** HwptDataType of `data` (a stage-1 description for nested HWPTs). */
   readonly dataType?: number;
   readonly data?: Uint8Array;
+}
+
+/**
+ * One entry of hwptInvalidate: struct iommu_hwpt_vtd_s1_invalidate. `addr` 0 with `npages`
+ * U64_MAX invalidates everything.
+ */
+export interface HwptInvalidateEntry {
+  /** First IOVA, 4 KiB aligned. */
+  readonly addr: bigint;
+  /** 4 KiB pages from addr. */
+  readonly npages: bigint;
+  /** VtdInvalidateFlag bits. */
+  readonly flags: number;
+  /** __reserved: must be 0. */
+  readonly reserved?: number;
 }
 
 export interface OptionArgs {
@@ -96,10 +122,14 @@ export interface TranslationFault {
 
 export type TranslateResult = { readonly spans: Span[]; readonly fault?: undefined } | { readonly fault: TranslationFault; readonly spans?: undefined };
 
-/** What device workers need to translate on their own: the two shared buffers. */
+/**
+ * What device workers need to translate on their own: the table pool and the device table, plus
+ * guest memory, where guests keep the stage-1 tables of nested attachments.
+ */
 export interface SharedTranslation {
   readonly pool: TablePoolDescriptor;
   readonly devices: DeviceTableDescriptor;
+  readonly memory: GuestMemoryDescriptor;
 }
 
 export interface AreaSnapshot {
@@ -128,7 +158,17 @@ export interface ContextSnapshot {
     tables: number;
     levels: number;
   }[];
-  readonly hwpts: readonly { id: number; type: string; ioas: number; auto: boolean; flags: number; users: number }[];
+  readonly hwpts: readonly {
+    id: number;
+    type: string;
+    ioas: number;
+    auto: boolean;
+    flags: number;
+    users: number;
+    /** HWPT_NESTED: the paging parent and the stage-1 description. */
+    parent?: number;
+    stage1?: { root: number; addrWidth: number; flags: bigint };
+  }[];
   readonly devices: readonly {
     id: number;
     name: string;
@@ -145,6 +185,36 @@ const READ_WRITE = IoasMapFlag.READABLE | IoasMapFlag.WRITEABLE;
 
 function permsOf(flags: number): number {
   return ((flags & IoasMapFlag.READABLE) !== 0 ? EntryFlag.READ : 0) | ((flags & IoasMapFlag.WRITEABLE) !== 0 ? EntryFlag.WRITE : 0);
+}
+
+const PAGE_SHIFT_N = 12n;
+const MAX_IOVA_PFN_N = BigInt(MAX_IOVA_PFN);
+
+/**
+ * The IOVA pages one struct iommu_hwpt_vtd_s1_invalidate covers, checked as
+ * intel_nested_cache_invalidate_user does; undefined for npages 0 (nothing to drop).
+ */
+function invalidationRange(entry: unknown, index: number): PfnRange | undefined {
+  const name = `entries[${index}]`;
+  if (typeof entry !== 'object' || entry === null) throw new IommufdError('EINVAL', `${name} must be an object`, name);
+  const e = entry as Partial<Record<keyof HwptInvalidateEntry, unknown>>;
+  const addr = u64Arg(e.addr, `${name}.addr`);
+  const npages = u64Arg(e.npages, `${name}.npages`);
+  const flags = u32Arg(e.flags, `${name}.flags`);
+  const reserved = u32Arg(e.reserved ?? 0, `${name}.reserved`);
+  // intel_nested_cache_invalidate_user: unknown flags or a nonzero __reserved: -EOPNOTSUPP.
+  if ((flags & ~VtdInvalidateFlag.LEAF) !== 0 || reserved !== 0) {
+    throw new IommufdError('EOPNOTSUPP', `${name} has unknown flags or a nonzero reserved field`, name);
+  }
+  // intel_nested_cache_invalidate_user: an unaligned addr, or npages U64_MAX from a nonzero addr: -EINVAL.
+  if (addr % PAGE_SIZE_N !== 0n) throw new IommufdError('EINVAL', `${name}.addr 0x${addr.toString(16)} is not 4 KiB aligned`, `${name}.addr`);
+  if (npages === U64_MAX && addr !== 0n) throw new IommufdError('EINVAL', `${name}: npages U64_MAX needs addr 0`, `${name}.npages`);
+  if (npages === U64_MAX) return ALL_PFNS;
+  if (npages === 0n) return undefined;
+  const first = addr >> PAGE_SHIFT_N;
+  // The kernel's end address wraps past 2^64; clamping to the top invalidates at least as much.
+  const last = first + npages - 1n > MAX_IOVA_PFN_N ? MAX_IOVA_PFN_N : first + npages - 1n;
+  return { first: Number(first), last: Number(last) };
 }
 
 function targetId(t: AttachTarget): number | 'identity' {
@@ -504,8 +574,9 @@ export class Context {
   // ---- HWPT ----
 
   /**
-   * IOMMU_HWPT_ALLOC. From an IOAS: a paging HWPT sharing the IOAS's table. From a paging HWPT
-   * with stage-1 data: a nested HWPT (not implemented yet: EOPNOTSUPP). Returns the HWPT ID.
+   * IOMMU_HWPT_ALLOC. From an IOAS: a paging HWPT sharing the IOAS's table. From a NEST_PARENT
+   * paging HWPT with HwptDataType.VTD_S1 data (struct iommu_hwpt_vtd_s1, see encodeVtdS1): a nested
+   * HWPT whose stage 1 is the guest's x86-64 table and whose stage 2 is the parent. Returns the ID.
    */
   hwptAlloc(devId: number, ptId: number, args: HwptAllocArgs = {}): number {
     return this.run('hwptAlloc', () => {
@@ -541,11 +612,69 @@ export class Context {
         }
         // iommufd_hwpt_nested_alloc: the parent must be a manually allocated NEST_PARENT HWPT.
         if (pt.auto || !pt.nestParent) throw new IommufdError('EINVAL', `HWPT ${pt.id} is not a nesting parent`, 'ptId');
-        throw new IommufdError('EOPNOTSUPP', `nested stage-1 data type ${dataType} is not implemented`, 'dataType');
+        // Fault objects (IOMMU_FAULT_QUEUE_ALLOC) are not emulated, so no fault_id can be valid.
+        if ((flags & HwptAllocFlag.FAULT_ID_VALID) !== 0) throw new IommufdError('EOPNOTSUPP', 'fault queues are not supported', 'flags');
+        this.checkIdSpace();
+        return this.newNestedHwpt(pt, flags, dataType, args.data!).id;
       }
       // iommufd_hwpt_alloc: any other object type is -EINVAL.
       throw new IommufdError('EINVAL', `object ${pt.id} (${pt.type}) cannot parent a HWPT`, 'ptId');
     });
+  }
+
+  /** The driver half of IOMMU_HWPT_ALLOC for a nested HWPT: intel_iommu_domain_alloc_nested. */
+  private newNestedHwpt(parent: HwptPaging, flags: number, dataType: number, data: Uint8Array): HwptNested {
+    // intel_iommu_domain_alloc_nested: "Must be nested domain": another data type is -EOPNOTSUPP.
+    if (dataType !== HwptDataType.VTD_S1) throw new IommufdError('EOPNOTSUPP', `stage-1 data type ${dataType} is not supported (VT-d only)`, 'dataType');
+    // iommu_copy_struct_from_user(..., __reserved): shorter than the whole struct is -EINVAL ...
+    if (data.length < VTD_S1_DATA_SIZE) throw new IommufdError('EINVAL', `struct iommu_hwpt_vtd_s1 needs ${VTD_S1_DATA_SIZE} bytes, got ${data.length}`, 'data');
+    // ... and copy_struct_from_user: bytes past the struct must be zero, else -E2BIG.
+    if (data.subarray(VTD_S1_DATA_SIZE).some((b) => b !== 0)) throw new IommufdError('E2BIG', 'nonzero bytes past struct iommu_hwpt_vtd_s1', 'data');
+    const s1 = decodeVtdS1(data);
+    // The kernel's VT-d driver programs unknown flag bits and __reserved into nothing; here they
+    // are refused up front with the driver's rule for invalidation entries (-EOPNOTSUPP).
+    if ((s1.flags & ~VTD_S1_VALID_FLAGS) !== 0n || s1.reserved !== 0) {
+      throw new IommufdError('EOPNOTSUPP', 'struct iommu_hwpt_vtd_s1 has unknown flags or a nonzero __reserved', 'data');
+    }
+    // intel_pasid_setup_nested (run at attach by the kernel, at allocation here since every device
+    // sits behind the same IOMMU): "Invalid stage-1 address width" -EINVAL.
+    if (s1.addrWidth !== VTD_ADDR_WIDTH_4LEVEL && s1.addrWidth !== VTD_ADDR_WIDTH_5LEVEL) {
+      throw new IommufdError('EINVAL', `stage-1 address width ${s1.addrWidth} is not 48 or 57`, 'data');
+    }
+    // intel_pasid_setup_nested: SRE without ecap_srs, EAFE without ecap_eafs: -EINVAL. Requests are
+    // never privileged here and accessed flags are not written, so neither capability is reported.
+    const caps = vtdHwInfo(MAX_PASID_BITS).ecapReg;
+    if ((s1.flags & VtdS1Flag.SRE) !== 0n && ((caps >> BigInt(VtdEcap.SRS)) & 1n) === 0n) {
+      throw new IommufdError('EINVAL', 'no supervisor request support (IOMMU_VTD_S1_SRE)', 'data');
+    }
+    if ((s1.flags & VtdS1Flag.EAFE) !== 0n && ((caps >> BigInt(VtdEcap.EAFS)) & 1n) === 0n) {
+      throw new IommufdError('EINVAL', 'no extended access flag support (IOMMU_VTD_S1_EAFE)', 'data');
+    }
+    // pasid_set_flptr keeps bits 12..63; a table above the 52-bit stage-1 address width could never
+    // be walked, so it is refused here instead of faulting every DMA.
+    const root = s1.pgtblAddr & ~0xfffn;
+    if (root >= 1n << 52n) throw new IommufdError('EINVAL', `stage-1 table at 0x${root.toString(16)} is beyond 52 bits`, 'data');
+    // Allocation of the shared stage-1 record: -ENOMEM when the pool is full.
+    if (!this.pool.ensure(1)) throw new IommufdError('ENOMEM', 'page-table pool exhausted', 'data');
+    const hwpt = this.objects.add((id) => {
+      const record = createStage1Record(this.pool, {
+        root: Number(root),
+        levels: s1.addrWidth === VTD_ADDR_WIDTH_5LEVEL ? 5 : 4,
+        stage2: parent.ioas.table.header,
+        hwptId: id,
+      });
+      return new HwptNested(id, parent, dataType, (flags & HwptAllocFlag.PASID) !== 0, Number(root), s1.addrWidth, s1.flags, record);
+    });
+    // iommufd_hwpt_nested_alloc: refcount_inc(&parent->common.obj.users).
+    parent.users++;
+    return hwpt;
+  }
+
+  /** iommufd_hwpt_nested_destroy: drops the parent reference and retires the shared record. */
+  private removeNested(hwpt: HwptNested): void {
+    releaseStage1Record(this.pool, hwpt.record);
+    hwpt.parent.users--;
+    this.objects.remove(hwpt.id);
   }
 
   private newHwpt(ioas: Ioas, auto: boolean, flags: number): HwptPaging {
@@ -716,8 +845,14 @@ export class Context {
   }
 
   /** The IOMMU driver refuses a dirty-tracking domain for a device that cannot track dirty pages. */
-  private checkDirty(target: AttachTarget, devices: Iterable<BoundDevice>): void {
-    if (target === 'identity' || target.type !== 'HWPT_PAGING' || !target.dirtyTracking) return;
+  private checkDirty(target: AttachTarget, devices: Iterable<BoundDevice>, pasid: number): void {
+    // A nested HWPT is judged by its parent: paging_domain_compatible(s2_domain) in the VT-d driver.
+    const paging = this.paging(target);
+    if (paging === undefined || !paging.dirtyTracking) return;
+    // intel_nested_set_dev_pasid: a nested domain over a dirty-tracking parent takes no PASID: -EINVAL.
+    if (target !== 'identity' && target.type === 'HWPT_NESTED' && pasid !== 0) {
+      throw new IommufdError('EINVAL', `nested HWPT ${target.id} has a dirty-tracking parent and cannot be attached to a PASID`, 'ptId');
+    }
     for (const d of devices) {
       // attach_dev of a dirty-tracking domain to a device without IOMMU_CAP_DIRTY_TRACKING: -EINVAL.
       if (!d.phys.dirtyTracking) throw new IommufdError('EINVAL', `device '${d.phys.name}' cannot use a dirty-tracking HWPT`, 'ptId');
@@ -762,8 +897,10 @@ export class Context {
     if (!this.deviceTable.canAlloc(rows) || !this.pool.ensure(tables)) throw new IommufdError('ENOMEM', 'device table full', 'pasid');
   }
 
+  /** find_hwpt_paging: the paging HWPT itself, or a nested HWPT's parent (whose IOAS gets reserved regions). */
   private paging(target: AttachTarget): HwptPaging | undefined {
-    return target !== 'identity' && target.type === 'HWPT_PAGING' ? target : undefined;
+    if (target === 'identity') return undefined;
+    return target.type === 'HWPT_PAGING' ? target : target.parent;
   }
 
   /** iommufd_hw_pagetable_attach: the device joins its group's attachment at `pasid`. */
@@ -775,7 +912,7 @@ export class Context {
       throw new IommufdError('EINVAL', `group '${group.key}' is attached elsewhere at pasid ${pasid}; attach every device to the same HWPT`, 'ptId');
     }
     this.checkPasidCompat(target, group, pasid);
-    this.checkDirty(target, att === undefined ? group.devices : [dev]);
+    this.checkDirty(target, att === undefined ? group.devices : [dev], pasid);
     const hwpt = this.paging(target);
     // Reserved regions apply to the RID only (attach_resv is false for a PASID attach).
     if (hwpt !== undefined && pasid === 0) this.checkReserve(hwpt.ioas, [dev]);
@@ -795,7 +932,7 @@ export class Context {
     const old = att.target;
     if (old === target) return;
     this.checkPasidCompat(target, group, pasid);
-    this.checkDirty(target, group.devices);
+    this.checkDirty(target, group.devices, pasid);
     const next = this.paging(target);
     const prev = this.paging(old);
     const moveReserved = pasid === 0 && next !== undefined && (prev === undefined || prev.ioas !== next.ioas);
@@ -896,21 +1033,67 @@ export class Context {
     } else if (att.target.type === 'HWPT_PAGING') {
       this.deviceTable.write(row, AttachKind.PAGING, att.target.ioas.table.header, att.target.id, att.target.dirtyTracking);
     } else {
-      this.deviceTable.write(row, AttachKind.NESTED, 0, att.target.id, false);
+      // A nested row names the stage-1 record; the record names stage 2.
+      this.deviceTable.write(row, AttachKind.NESTED, att.target.record, att.target.id, att.target.parent.dirtyTracking);
     }
   }
 
-  /** IOMMU_GET_HW_INFO. */
+  /**
+   * IOMMU_GET_HW_INFO. The IOMMU presents itself as VT-d (struct iommu_hw_info_vtd): only the
+   * capability bits this backend implements are set (vtdHwInfo, docs/backend.md).
+   */
   getHwInfo(devId: number): HwInfo {
     return this.run('getHwInfo', () => {
       const dev = this.getDevice(devId);
       return {
-        dataType: HwInfoType.NONE,
-        data: new Uint8Array(0),
+        dataType: HwInfoType.INTEL_VTD,
+        data: encodeVtdHwInfo(vtdHwInfo(MAX_PASID_BITS)),
         capabilities: dev.phys.dirtyTracking ? HwCap.DIRTY_TRACKING : 0,
         maxPasidLog2: dev.phys.pasidBits,
       };
     });
+  }
+
+  /**
+   * IOMMU_HWPT_INVALIDATE with IOMMU_HWPT_INVALIDATE_DATA_VTD_S1 entries: the guest changed its
+   * stage-1 table over these IOVA ranges. Entries are handled in order; like the kernel, an entry
+   * that fails stops the call after the earlier ones were handled (the IommufdError's
+   * details.entryNum says how many). Strict, as an unmap: when it returns, no device worker uses a
+   * translation cached from before the change. Returns the number of entries handled.
+   */
+  hwptInvalidate(hwptId: number, entries: readonly HwptInvalidateEntry[], dataType: number = HwptInvalidateDataType.VTD_S1): number {
+    let failure: IommufdError | undefined;
+    const outer = this.depth === 0;
+    const handled = this.run('hwptInvalidate', () => {
+      const obj = this.lookup(hwptId, 'hwptId');
+      // iommufd_hwpt_invalidate: an object that is neither a nested HWPT nor a vIOMMU is -EINVAL.
+      if (obj.type !== 'HWPT_NESTED') throw new IommufdError('EINVAL', `object ${obj.id} (${obj.type}) is not a nested HWPT`, 'hwptId');
+      const type = u32Arg(dataType, 'dataType');
+      // intel_nested_cache_invalidate_user: another data type is -EINVAL, even for no entries.
+      if (type !== HwptInvalidateDataType.VTD_S1) throw new IommufdError('EINVAL', `invalidation data type ${type} is not VTD_S1`, 'dataType');
+      if (!Array.isArray(entries)) throw new IommufdError('EINVAL', 'entries must be an array', 'entries');
+      const ranges: PfnRange[] = [];
+      let done = 0;
+      for (; done < entries.length; done++) {
+        try {
+          const range = invalidationRange(entries[done], done);
+          if (range !== undefined) ranges.push(range);
+        } catch (e) {
+          if (!(e instanceof IommufdError)) throw e;
+          failure = new IommufdError(e.code, e.message, e.argument, { entryNum: done });
+          break;
+        }
+      }
+      appendInvalidations(this.pool.words, obj.record, ranges);
+      return done;
+    });
+    // Handled entries count even when a later one failed: wait for the workers before reporting.
+    if (outer && handled > 0) this.settle(false);
+    if (failure !== undefined) {
+      this.log.warn({ op: 'hwptInvalidate', errno: failure.code, argument: failure.argument, entryNum: handled }, failure.message);
+      throw failure;
+    }
+    return handled;
   }
 
   // ---- accesses ----
@@ -1117,10 +1300,10 @@ export class Context {
           return;
         case 'HWPT_PAGING':
         case 'HWPT_NESTED':
-          // iommufd_object_remove: a HWPT with attachments is -EBUSY.
-          if (obj.users > 0) throw new IommufdError('EBUSY', `HWPT ${obj.id} has ${obj.users} attachments`, 'id');
+          // iommufd_object_remove: a HWPT with attachments (or, for a parent, nested HWPTs) is -EBUSY.
+          if (obj.users > 0) throw new IommufdError('EBUSY', `HWPT ${obj.id} has ${obj.users} users`, 'id');
           if (obj.type === 'HWPT_PAGING') this.removeHwpt(obj);
-          else this.objects.remove(obj.id);
+          else this.removeNested(obj);
           return;
         case 'DEVICE':
         case 'ACCESS':
@@ -1137,10 +1320,8 @@ export class Context {
     try {
       for (const obj of this.objects.list()) if (obj.type === 'ACCESS') this.destroyAccess(obj);
       for (const obj of this.objects.list()) if (obj.type === 'DEVICE') this.unbind(obj);
-      for (const obj of this.objects.list()) {
-        if (obj.type === 'HWPT_PAGING') this.removeHwpt(obj);
-        else if (obj.type === 'HWPT_NESTED') this.objects.remove(obj.id);
-      }
+      for (const obj of this.objects.list()) if (obj.type === 'HWPT_NESTED') this.removeNested(obj);
+      for (const obj of this.objects.list()) if (obj.type === 'HWPT_PAGING') this.removeHwpt(obj);
       for (const obj of this.objects.list()) {
         if (obj.type === 'IOAS') {
           obj.destroy();
@@ -1164,7 +1345,7 @@ export class Context {
 
   /** The shared buffers device workers map to translate without the owner. */
   describeShared(): SharedTranslation {
-    return { pool: this.pool.describe(), devices: this.deviceTable.describe() };
+    return { pool: this.pool.describe(), devices: this.deviceTable.describe(), memory: this.host.memory.describe() };
   }
 
   /** The device-table row of a bound device, for device workers. */
@@ -1261,7 +1442,16 @@ export class Context {
       hwpts: hwpts.map((h) =>
         h.type === 'HWPT_PAGING'
           ? { id: h.id, type: h.type, ioas: h.ioas.id, auto: h.auto, flags: h.flags, users: h.users }
-          : { id: h.id, type: h.type, ioas: h.parent.ioas.id, auto: false, flags: 0, users: h.users },
+          : {
+              id: h.id,
+              type: h.type,
+              ioas: h.parent.ioas.id,
+              auto: false,
+              flags: h.flags,
+              users: h.users,
+              parent: h.parent.id,
+              stage1: { root: h.root, addrWidth: h.addrWidth, flags: h.vtdFlags },
+            },
       ),
       devices: devices.map((d) => {
         const attachments = [...d.igroup.attachments]

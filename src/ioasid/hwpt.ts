@@ -35,17 +35,40 @@ export class HwptPaging implements ContextObject {
 }
 
 /**
- * A nested HWPT (IOMMUFD_OBJ_HWPT_NESTED): a guest-owned stage-1 table translated through a paging
- * parent. Declared so attachments and the device table can name it; allocation is not implemented
- * yet (hwptAlloc answers EOPNOTSUPP for stage-1 data types).
+ * A nested HWPT (IOMMUFD_OBJ_HWPT_NESTED): a guest-owned x86-64 stage-1 table (VT-d first stage)
+ * translated through a paging parent allocated with NEST_PARENT, whose IOAS is stage 2. It holds a
+ * reference on the parent (parent.users) for its whole life. Device workers find the stage 1
+ * through the shared record at `record` (see stage1-record.ts).
  */
-export interface HwptNested extends ContextObject {
-  readonly type: 'HWPT_NESTED';
-  readonly parent: HwptPaging;
-  /** HwptDataType of the stage-1 format. */
-  readonly dataType: number;
-  readonly pasidCompat: boolean;
-  users: number;
+export class HwptNested implements ContextObject {
+  readonly type = 'HWPT_NESTED' as const;
+  /** Attachments (device, PASID) holding this HWPT. */
+  users = 0;
+
+  constructor(
+    readonly id: number,
+    readonly parent: HwptPaging,
+    /** HwptDataType of the stage-1 format (VTD_S1). */
+    readonly dataType: number,
+    /** IOMMU_HWPT_ALLOC_PASID: may be attached to a PASID. */
+    readonly pasidCompat: boolean,
+    /** pgtbl_addr: guest-physical address of the stage-1 top table. */
+    readonly root: number,
+    /** 48 or 57. */
+    readonly addrWidth: number,
+    /** struct iommu_hwpt_vtd_s1 flags (VtdS1Flag bits). */
+    readonly vtdFlags: bigint,
+    /** Int32 word index of the shared stage-1 record in the context's table pool. */
+    readonly record: number,
+  ) {}
+
+  get levels(): 4 | 5 {
+    return this.addrWidth === 57 ? 5 : 4;
+  }
+
+  get flags(): number {
+    return this.pasidCompat ? HwptAllocFlag.PASID : 0;
+  }
 }
 
 export type Hwpt = HwptPaging | HwptNested;

@@ -6,6 +6,7 @@ export type {
   ContextSnapshot,
   HwInfo,
   HwptAllocArgs,
+  HwptInvalidateEntry,
   IoasMapArgs,
   IovaRanges,
   OptionArgs,
@@ -33,3 +34,7 @@ export {
 } from './device-table.js';
 export type { DeviceTableDescriptor, RowValue } from './device-table.js';
 export * from './uapi.js';
+export { decodeVtdHwInfo, decodeVtdS1, encodeVtdHwInfo, encodeVtdS1, vtdHwInfo, vtdPasidBits } from './vtd.js';
+export type { VtdHwInfo, VtdS1Data } from './vtd.js';
+export { Stage1Record, Stage1RecordFlag, readInvalidations, readStage1 } from './stage1-record.js';
+export type { PfnRange, Stage1View } from './stage1-record.js';

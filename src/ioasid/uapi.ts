@@ -26,11 +26,71 @@ export const HwptDataType = {
   ARM_SMMUV3: 2,
 } as const;
 
+/** IOMMU_HWPT_INVALIDATE data_type. */
+export const HwptInvalidateDataType = {
+  VTD_S1: 0,
+} as const;
+
+/** struct iommu_hwpt_vtd_s1 flags (enum iommu_hwpt_vtd_s1_flags); u64 in the struct. */
+export const VtdS1Flag = {
+  /** Supervisor requests enable. */
+  SRE: 1n << 0n,
+  /** Extended access flag enable. */
+  EAFE: 1n << 1n,
+  /** Write protect enable (supervisor writes honour R/W). */
+  WPE: 1n << 2n,
+} as const;
+export const VTD_S1_VALID_FLAGS = VtdS1Flag.SRE | VtdS1Flag.EAFE | VtdS1Flag.WPE;
+
+/** sizeof(struct iommu_hwpt_vtd_s1): u64 flags, u64 pgtbl_addr, u32 addr_width, u32 __reserved. */
+export const VTD_S1_DATA_SIZE = 24;
+/** struct iommu_hwpt_vtd_s1 addr_width values the VT-d driver accepts (ADDR_WIDTH_4LEVEL / _5LEVEL). */
+export const VTD_ADDR_WIDTH_4LEVEL = 48;
+export const VTD_ADDR_WIDTH_5LEVEL = 57;
+
+/** struct iommu_hwpt_vtd_s1_invalidate flags (enum iommu_hwpt_vtd_s1_invalidate_flags). */
+export const VtdInvalidateFlag = {
+  /** Only leaf entries changed: paging-structure caches may be kept. */
+  LEAF: 1 << 0,
+} as const;
+
 /** IOMMU_GET_HW_INFO out_data_type. */
 export const HwInfoType = {
   NONE: 0,
   INTEL_VTD: 1,
   ARM_SMMUV3: 2,
+} as const;
+
+/** sizeof(struct iommu_hw_info_vtd): u32 flags, u32 __reserved, u64 cap_reg, u64 ecap_reg. */
+export const VTD_HW_INFO_SIZE = 24;
+
+/** Bit positions in the VT-d capability register (drivers/iommu/intel/iommu.h, cap_*). */
+export const VtdCap = {
+  /** First-stage 1 GiB pages. */
+  FL1GP: 56,
+  /** First-stage 5-level paging. */
+  FL5LP: 60,
+} as const;
+
+/** Bit positions in the VT-d extended capability register (drivers/iommu/intel/iommu.h, ecap_*). */
+export const VtdEcap = {
+  /** Nested translation. */
+  NEST: 26,
+  /** Supervisor request support. */
+  SRS: 31,
+  /** Extended accessed flag support. */
+  EAFS: 34,
+  /** PASID size supported: bits 35..39, the PASID width minus one. */
+  PSS_SHIFT: 35,
+  PSS_MASK: 0x1f,
+  /** PASID support. */
+  PASID: 40,
+  /** Scalable-mode translation. */
+  SMTS: 43,
+  /** Second-stage translation. */
+  SLTS: 46,
+  /** First-stage translation. */
+  FLTS: 47,
 } as const;
 
 /** IOMMU_GET_HW_INFO out_capabilities. */
