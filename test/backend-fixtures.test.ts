@@ -16,7 +16,7 @@ const files = readdirSync(dir)
   .filter((f) => f.endsWith('.json'))
   .sort();
 /** Ops the backend does not implement yet; their steps may be skipped, no others. */
-const NOT_YET = new Set(['hwptInvalidate', 'setDirtyTracking', 'getDirtyBitmap']);
+const NOT_YET = new Set(['setDirtyTracking', 'getDirtyBitmap']);
 
 describe('shipped backend fixtures', () => {
   it('port at least 40 kernel selftest cases, each named in its description', () => {

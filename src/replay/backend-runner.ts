@@ -8,6 +8,7 @@ import {
   IommuOption,
   IommuOptionOp,
   U64_MAX,
+  VtdInvalidateFlag,
   type HostSnapshot,
 } from '../ioasid/index.js';
 import { QuiescenceOwner, createQuiescenceBuffer } from '../ioasid/quiescence.js';
@@ -45,7 +46,6 @@ export interface BackendReplayResult extends ReplayResult {
 
 /** Ops the backend cannot run yet: their steps are reported as skipped, with the reason. */
 const NOT_YET: Partial<Record<BackendStep['op'], string>> = {
-  hwptInvalidate: 'the backend has no IOMMU_HWPT_INVALIDATE yet (nested HWPTs are not implemented)',
   setDirtyTracking: 'the backend has no IOMMU_HWPT_SET_DIRTY_TRACKING yet',
   getDirtyBitmap: 'the backend has no IOMMU_HWPT_GET_DIRTY_BITMAP yet',
 };
@@ -62,7 +62,8 @@ type ObservedKey =
   | 'expectStats'
   | 'expectGpas'
   | 'expectRead'
-  | 'expectData';
+  | 'expectData'
+  | 'expectHandled';
 type Observed = Partial<Record<ObservedKey, unknown>>;
 
 interface DetailSpec {
@@ -111,6 +112,7 @@ const DETAILS: Record<string, DetailSpec> = {
   expectGpas: { label: 'gpas', source: 'expectGpas' },
   expectRead: { label: 'read', source: 'expectRead' },
   expectData: { label: 'data', source: 'expectData' },
+  expectHandled: { label: 'handled', source: 'expectHandled' },
 };
 
 /** Hw info and stats: the fields the fixture gives must match; capability lists in any order. */
@@ -376,6 +378,15 @@ class BackendSession {
         this.bind(step.out, ctx.hwptAlloc(this.id(step.device, state), this.id(step.pt, state), args));
         return ok();
       }
+      case 'hwptInvalidate': {
+        // The format's empty list means "everything": VT-d's invalidate-all entry (addr 0, npages U64_MAX).
+        const entries =
+          step.entries.length === 0
+            ? [{ addr: 0n, npages: U64_MAX, flags: 0 }]
+            : step.entries.map((e) => ({ addr: e.addr, npages: e.npages, flags: e.leaf ? VtdInvalidateFlag.LEAF : 0 }));
+        const handled = ctx.hwptInvalidate(this.id(step.hwpt, state), entries);
+        return ok({ expectHandled: step.entries.length === 0 ? 0 : handled });
+      }
       case 'getHwInfo': {
         const info = ctx.getHwInfo(this.id(step.device, state));
         const capabilities = CAPABILITY_NAMES.filter((name) => name === 'DIRTY_TRACKING' && (info.capabilities & HwCap.DIRTY_TRACKING) !== 0);
@@ -443,7 +454,6 @@ class BackendSession {
       }
       case 'stats':
         return ok({ expectStats: this.host.stats() });
-      case 'hwptInvalidate':
       case 'setDirtyTracking':
       case 'getDirtyBitmap':
         throw new ReplayError(`${step.op} cannot run here`);
@@ -606,6 +616,8 @@ export async function replayBackendFixture(fixture: BackendFixture, options: Bac
           if (!(err instanceof IommufdError)) throw err;
           const observed: Observed = {};
           // IOMMU_IOAS_IOVA_RANGES writes num_iovas and the ranges that fit even with EMSGSIZE.
+          // IOMMU_HWPT_INVALIDATE writes back how many entries were handled before the one that failed.
+          if (step.op === 'hwptInvalidate') observed.expectHandled = typeof err.details?.entryNum === 'number' ? err.details.entryNum : 0;
           if (err.code === 'EMSGSIZE' && step.op === 'ioasIovaRanges' && err.details !== undefined) {
             const ranges = err.details.ranges as readonly { start: bigint; last: bigint }[] | undefined;
             if (typeof err.details.numIovas === 'number') observed.expectNumIovas = err.details.numIovas;
