@@ -82,6 +82,9 @@ export interface EndpointFault {
   readonly exec?: boolean;
 }
 
+/** The largest request layout (ATTACH_TABLE); readable bytes beyond it are ignored. */
+const MAX_REQUEST_SIZE = Math.max(ProbeReq.SIZE, AttachTableReq.SIZE);
+
 function faultKey(f: EndpointFault): string {
   return `${f.reason}/${f.endpoint}/${f.pasid ?? ''}/${f.address ?? ''}/${f.read === true ? 'r' : ''}${f.write === true ? 'w' : ''}${f.exec === true ? 'x' : ''}`;
 }
@@ -369,7 +372,7 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
     this.counters.requests++;
     const reader = new ChainReader(env.memory, chain.readable);
     // The readable part is at most the largest request; anything beyond is ignored.
-    const request = new Uint8Array(Math.min(reader.remaining, ProbeReq.SIZE));
+    const request = new Uint8Array(Math.min(reader.remaining, MAX_REQUEST_SIZE));
     reader.read(request);
     const writable = chain.writableLength;
     if (request.length < ReqHead.SIZE || writable < ReqTail.SIZE) {

@@ -1,6 +1,6 @@
 import type { Logger } from '../log/logger.js';
 import { silentLogger } from '../log/logger.js';
-import { Context, IoasMapFlag, IommufdError, U64_MAX, X86_MSI_WINDOW } from '../ioasid/index.js';
+import { Context, HwptAllocFlag, IoasMapFlag, IommufdError, U64_MAX, X86_MSI_WINDOW } from '../ioasid/index.js';
 import type { Errno, IommuBackend, Mapping, PagingDomainHandle, ReservedRegion, TableBackend } from './backend.js';
 import { IoasidTables, canNest } from './ioasid-tables.js';
 
@@ -77,7 +77,10 @@ export class IoasidIommuBackend implements IommuBackend {
     let ioas: number | undefined;
     try {
       ioas = this.context.ioasAlloc();
-      const hwpt = this.context.hwptAlloc(dev, ioas);
+      // A device with PASIDs may later get PASID attachments next to this RID domain; iommufd
+      // requires the RID's HWPT to be allocated PASID-capable for that (iommufd_hwpt_pasid_compat).
+      const flags = this.context.getHwInfo(dev).maxPasidLog2 > 0 ? HwptAllocFlag.PASID : 0;
+      const hwpt = this.context.hwptAlloc(dev, ioas, { flags });
       return { ioas, hwpt };
     } catch (err) {
       if (ioas !== undefined) this.quietly(() => this.context.destroy(ioas!));
