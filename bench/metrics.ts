@@ -108,6 +108,11 @@ export const REQUIRED_METRICS: readonly MetricSpec[] = [
     targets: [{ ref: 'viommu.request_rtt_p50_ns', op: '<=', factor: 10 }],
   },
   { name: 'strict_unmap.rtt_p99_ns', unit: 'ns', implemented: true, what: 'p99 of the same' },
+  { name: 'strict_unmap.rtt_ns_w1', unit: 'ns', implemented: true, what: 'strict_unmap.rtt_ns with 1 device worker', compareTo: 'strict_unmap.rtt_ns' },
+  { name: 'strict_unmap.rtt_ns_w2', unit: 'ns', implemented: true, what: 'strict_unmap.rtt_ns with 2 device workers', compareTo: 'strict_unmap.rtt_ns' },
+  { name: 'viommu.map_unmap_per_s_b1', unit: 'pairs/s', implemented: true, what: 'viommu.map_unmap_per_s with 1 request per notification', compareTo: 'viommu.map_unmap_per_s' },
+  { name: 'viommu.map_unmap_per_s_b16', unit: 'pairs/s', implemented: true, what: 'viommu.map_unmap_per_s with 16 requests per notification', compareTo: 'viommu.map_unmap_per_s' },
+  { name: 'viommu.map_unmap_per_s_b256', unit: 'pairs/s', implemented: true, what: 'viommu.map_unmap_per_s with 256 requests per notification', compareTo: 'viommu.map_unmap_per_s' },
 ];
 
 /** Further figures that explain the required ones. */

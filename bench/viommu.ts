@@ -63,7 +63,7 @@ interface Machine {
  * The device in its worker, negotiated and with the endpoint attached to a paging domain. With
  * `dmaWorkers`, its context waits for that many device workers on every unmap.
  */
-async function machine(dmaWorkers: number): Promise<Machine> {
+async function machine(dmaWorkers: number, queueSize = 256): Promise<Machine> {
   const size = 16 << 20;
   const memory = GuestMemory.create(size);
   const allocator = new GuestAllocator(0x1000, size - 0x1000);
@@ -83,7 +83,7 @@ async function machine(dmaWorkers: number): Promise<Machine> {
     control = wrapPort<ViommuControl>(worker);
     await control.ready();
     const transport = new MmioDriverTransport(new MmioBusClient(signals));
-    const driver = IommuGuestDriver.open({ transport, memory, allocator, queueSize: 256 });
+    const driver = IommuGuestDriver.open({ transport, memory, allocator, queueSize });
     const attached = driver.request(encodeAttach(DOMAIN, ENDPOINT));
     if (attached.status !== Status.OK) throw new Error(`ATTACH failed with status ${String(attached.status)}`);
     const queue = new PollingQueue(memory, driver.device.queue(IommuQueue.REQUEST), () => transport.notify(IommuQueue.REQUEST));
@@ -111,18 +111,28 @@ function wakeups(m: Machine): number {
   return Atomics.load(m.signals, DeviceSignal.STAT_WAKEUPS);
 }
 
+/** Batch sizes of the throughput sweep (requests per notification). */
+const BATCH_SWEEP = [1, 16, 256] as const;
+
 function measure(ctx: BenchContext, m: Machine): void {
-  const { maps, unmaps } = pages(m, BATCH, IOVA_BASE);
+  const { maps, unmaps } = pages(m, 256, IOVA_BASE);
 
   // Throughput: 64 MAPs behind one notification, then their 64 UNMAPs behind another.
-  if (ctx.wants('viommu.map_unmap_per_s')) throughput(ctx, m, maps, unmaps);
+  if (ctx.wants('viommu.map_unmap_per_s')) {
+    ctx.record('viommu.map_unmap_per_s', throughput(ctx, m, maps.slice(0, BATCH), unmaps.slice(0, BATCH)));
+    // How it grows with the batch: fewer notifications and wake-ups per request.
+    for (const batch of BATCH_SWEEP) {
+      ctx.record(`viommu.map_unmap_per_s_b${batch}`, throughput(ctx, m, maps.slice(0, batch), unmaps.slice(0, batch)));
+    }
+  }
   if (ctx.wants('viommu.request_rtt')) latency(ctx, m, maps, unmaps);
 }
 
-function throughput(ctx: BenchContext, m: Machine, maps: readonly Prepared[], unmaps: readonly Prepared[]): void {
+function throughput(ctx: BenchContext, m: Machine, maps: readonly Prepared[], unmaps: readonly Prepared[]): number {
   const mapHeads = maps.map((p) => p.request);
   const unmapHeads = unmaps.map((p) => p.request);
-  const rounds = ctx.quick ? 100 : 1000;
+  // About the same number of requests whatever the batch.
+  const rounds = Math.max(20, Math.round(((ctx.quick ? 100 : 1000) * BATCH) / maps.length));
   const warmup = rounds / 5;
   const perRound = new Float64Array(rounds);
   let slept = 0;
@@ -133,8 +143,8 @@ function throughput(ctx: BenchContext, m: Machine, maps: readonly Prepared[], un
     roundTrip(m, unmaps, unmapHeads);
     if (i >= 0) perRound[i] = performance.now() - t0;
   }
-  ctx.record('viommu.map_unmap_per_s', BATCH / (median(perRound) / 1000));
-  ctx.env.viommu_batch_wakeups = wakeups(m) - slept;
+  ctx.env[`viommu_batch${maps.length}_wakeups`] = wakeups(m) - slept;
+  return maps.length / (median(perRound) / 1000);
 }
 
 /** One MAP at a time (timed), each followed by its UNMAP (not timed). */
@@ -163,10 +173,18 @@ function latency(ctx: BenchContext, m: Machine, maps: readonly Prepared[], unmap
 /** The virtio-iommu device in its worker, driven through its request virtqueue. */
 export const viommu: BenchGroup = {
   name: 'viommu',
-  emits: ['viommu.map_unmap_per_s', 'viommu.request_rtt_p50_ns', 'viommu.request_rtt_p99_ns'],
+  emits: [
+    'viommu.map_unmap_per_s',
+    'viommu.map_unmap_per_s_b1',
+    'viommu.map_unmap_per_s_b16',
+    'viommu.map_unmap_per_s_b256',
+    'viommu.request_rtt_p50_ns',
+    'viommu.request_rtt_p99_ns',
+  ],
   async run(ctx) {
     ctx.progress('virtio-iommu requests through the virtqueue');
-    const m = await machine(0);
+    // Room for 256 MAPs and their 256 UNMAPs as fixed descriptor pairs: the batch sweep's largest.
+    const m = await machine(0, 1024);
     try {
       measure(ctx, m);
     } finally {
@@ -185,20 +203,20 @@ const DMA_PAGES = 16;
  * UNMAP round trip while device workers DMA without pause: each UNMAP bumps the epoch and waits
  * until every worker has left the DMA it was in, so the figure includes that wait.
  */
-async function strictUnmap(ctx: BenchContext): Promise<void> {
-  const m = await machine(DMA_WORKERS);
+async function strictUnmap(ctx: BenchContext, workerCount: number): Promise<number> {
+  const m = await machine(workerCount);
   const workers: Worker[] = [];
-  const control = new SharedArrayBuffer((DmaLoop.COUNTS + DMA_WORKERS) * 4);
+  const control = new SharedArrayBuffer((DmaLoop.COUNTS + workerCount) * 4);
   const ctl = new Int32Array(control);
   try {
     const window = pages(m, DMA_PAGES, DMA_IOVA);
     roundTrip(m, window.maps, window.maps.map((p) => p.request));
     const shared = await m.control.shared();
-    for (let index = 0; index < DMA_WORKERS; index++) {
+    for (let index = 0; index < workerCount; index++) {
       const start: DmaLoopStart = { index, shared, memory: m.memory.describe(), control, iova: DMA_IOVA, pages: DMA_PAGES };
       workers.push(await startWorker('dma-loop', start));
     }
-    for (const deadline = Date.now() + 10_000; Atomics.load(ctl, DmaLoop.READY) < DMA_WORKERS && Date.now() < deadline; ) {
+    for (const deadline = Date.now() + 10_000; Atomics.load(ctl, DmaLoop.READY) < workerCount && Date.now() < deadline; ) {
       await new Promise((r) => setTimeout(r, 1));
     }
     const { maps, unmaps } = pages(m, 1, IOVA_BASE);
@@ -206,7 +224,7 @@ async function strictUnmap(ctx: BenchContext): Promise<void> {
     const unmap = [unmaps[0]!.request];
     const trips = ctx.quick ? 300 : 3000;
     const rtt = new Float64Array(trips);
-    const dmasBefore = (): number => Array.from({ length: DMA_WORKERS }, (_, i) => Atomics.load(ctl, DmaLoop.COUNTS + i)).reduce((a, b) => a + b, 0);
+    const dmasBefore = (): number => Array.from({ length: workerCount }, (_, i) => Atomics.load(ctl, DmaLoop.COUNTS + i)).reduce((a, b) => a + b, 0);
     let dmas = 0;
     let started = 0;
     for (let i = -trips / 10; i < trips; i++) {
@@ -219,9 +237,9 @@ async function strictUnmap(ctx: BenchContext): Promise<void> {
       roundTrip(m, unmaps, unmap);
       if (i >= 0) rtt[i] = (performance.now() - t0) * 1e6;
     }
-    ctx.record('strict_unmap.rtt_ns', quantile(rtt, 0.5));
-    ctx.record('strict_unmap.rtt_p99_ns', quantile(rtt, 0.99));
-    ctx.env.strict_unmap_dmas_per_s = Math.round(((dmasBefore() - dmas) / (performance.now() - started)) * 1000);
+    if (workerCount === DMA_WORKERS) ctx.record('strict_unmap.rtt_p99_ns', quantile(rtt, 0.99));
+    ctx.env[`strict_unmap_w${workerCount}_dmas_per_s`] = Math.round(((dmasBefore() - dmas) / (performance.now() - started)) * 1000);
+    return quantile(rtt, 0.5);
   } finally {
     Atomics.store(ctl, DmaLoop.STOP, 1);
     await Promise.all(
@@ -240,9 +258,11 @@ async function strictUnmap(ctx: BenchContext): Promise<void> {
 /** UNMAP under continuous DMA from several device workers (strict unmap). */
 export const strictUnmapGroup: BenchGroup = {
   name: 'strict_unmap',
-  emits: ['strict_unmap.rtt_ns', 'strict_unmap.rtt_p99_ns'],
+  emits: ['strict_unmap.rtt_ns', 'strict_unmap.rtt_p99_ns', 'strict_unmap.rtt_ns_w1', 'strict_unmap.rtt_ns_w2'],
   async run(ctx) {
     ctx.progress(`UNMAP round trip while ${DMA_WORKERS} device workers DMA continuously`);
-    await strictUnmap(ctx);
+    ctx.record('strict_unmap.rtt_ns', await strictUnmap(ctx, DMA_WORKERS));
+    // How it grows with the number of device workers each UNMAP may have to wait for.
+    for (const workers of [1, 2]) ctx.record(`strict_unmap.rtt_ns_w${workers}`, await strictUnmap(ctx, workers));
   },
 };

@@ -129,7 +129,8 @@ type Outcome = Status | 'NONE';
  */
 export class VirtioIommuDevice implements VirtioDeviceModel {
   readonly deviceType = IOMMU_DEVICE_TYPE;
-  readonly queueMaxSizes = [256, 256] as const;
+  // A deep request queue lets a guest put a whole batch of MAP/UNMAP behind one notification.
+  readonly queueMaxSizes = [1024, 256] as const;
   readonly configSize = IommuConfig.SIZE;
   readonly offeredFeatures: bigint;
 
