@@ -114,7 +114,11 @@ export interface Span {
 }
 
 export interface TranslationFault {
-  readonly reason: 'MAPPING' | 'DOMAIN' | 'PERMISSION';
+  /**
+   * MAPPING / PERMISSION: the (stage-1) table lacks the page or the right; STAGE2: a nested
+   * translation's stage 2 does not map or allow a guest-physical address it needed.
+   */
+  readonly reason: 'MAPPING' | 'DOMAIN' | 'PERMISSION' | 'STAGE2';
   readonly iova: bigint;
   readonly access: 'read' | 'write';
   readonly pasid: number;
@@ -1376,6 +1380,7 @@ export class Context {
         if (r === PageResult.DOMAIN) return { fault: { reason: 'DOMAIN', iova: pos, access, pasid: p } };
         if (r === PageResult.MAPPING) return { fault: { reason: 'MAPPING', iova: pos, access, pasid: p } };
         if (r === PageResult.PERMISSION) return { fault: { reason: 'PERMISSION', iova: pos, access, pasid: p } };
+        if (r === PageResult.STAGE2) return { fault: { reason: 'STAGE2', iova: pos, access, pasid: p } };
         let gpa: number;
         let chunk: bigint;
         if (r === PageResult.IDENTITY) {

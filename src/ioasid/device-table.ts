@@ -1,6 +1,9 @@
+import type { GuestMemoryDescriptor } from '../memory/guest-memory.js';
 import { Entry, EntryFlag, LEVEL_BITS, ENTRIES_PER_TABLE, entryWord } from '../pagetable/format.js';
 import type { TablePool } from '../pagetable/pool.js';
 import { TableReader, fixedView, walk, type LeafInfo } from '../pagetable/walk.js';
+import { GuestWords, NestedResult, NestedWalker, nestedNeed, stage1Refuses } from './nested.js';
+import { emptyStage1View, readStage1 } from './stage1-record.js';
 
 /**
  * The per-context device table: how a device's DMA is translated right now, in shared memory so
@@ -14,7 +17,7 @@ export const DeviceRow = {
   SEQ: 0,
   /** AttachKind. */
   KIND: 1,
-  /** PAGING: Int32 index, in the table pool, of the IOAS header slot to walk. */
+  /** PAGING: Int32 index, in the table pool, of the IOAS header slot to walk. NESTED: of the stage-1 record. */
   HEADER: 2,
   /** DeviceRowFlag bits. */
   FLAGS: 3,
@@ -37,7 +40,7 @@ export const AttachKind = {
   IDENTITY: 1,
   /** Walk the IOAS table named by HEADER. */
   PAGING: 2,
-  /** Reserved: guest stage-1 over a paging parent (not implemented yet). */
+  /** A guest's stage-1 table over a paging parent: HEADER names the stage-1 record (stage1-record.ts). */
   NESTED: 3,
 } as const;
 export type AttachKindValue = (typeof AttachKind)[keyof typeof AttachKind];
@@ -124,6 +127,8 @@ export const PageResult = {
   PERMISSION: 3,
   /** Identity translation: IOVA is GPA (out.guestPfn = iovaPfn). */
   IDENTITY: 4,
+  /** Nested: stage 2 does not map (or allow) a guest-physical address the translation needs. */
+  STAGE2: 5,
 } as const;
 
 /** The page outcome once the row is read; `walked` is the walk's result (only looked at for PAGING). */
@@ -145,7 +150,8 @@ function resolvePage(rowOut: RowValue, iovaPfn: number, write: boolean, leaf: Le
 /**
  * Translates one IOVA page for (row, pasid) from shared memory alone: the reader path device
  * workers use (with length-tracking views; TranslationReader does the same with faster fixed
- * views). `write` selects the permission checked. Fills `leaf` for OK and IDENTITY.
+ * views). `write` selects the permission checked. Fills `leaf` for OK and IDENTITY. Without guest
+ * memory this function cannot walk a stage 1: NESTED rows answer DOMAIN (TranslationReader walks them).
  */
 export function translatePage(
   rows: Int32Array,
@@ -170,17 +176,30 @@ export interface DeviceTableDescriptor {
 
 /**
  * What a device worker keeps to translate on its own: fixed-length views of the context's table
- * pool and device table, re-mapped when a read reaches past them (after the owner grew a buffer).
+ * pool and device table, re-mapped when a read reaches past them (after the owner grew a buffer),
+ * and, given guest memory, a walker for nested rows' stage-1 tables.
  */
 export class TranslationReader {
   readonly tables: TableReader;
   private readonly devices: SharedArrayBuffer;
   private rowView: Int32Array;
+  private readonly nested: NestedWalker | undefined;
+  private readonly stage1 = emptyStage1View();
 
-  constructor(shared: { readonly pool: { readonly buffer: SharedArrayBuffer }; readonly devices: DeviceTableDescriptor }) {
+  constructor(shared: {
+    readonly pool: { readonly buffer: SharedArrayBuffer };
+    readonly devices: DeviceTableDescriptor;
+    readonly memory?: GuestMemoryDescriptor;
+  }) {
     this.tables = new TableReader(shared.pool.buffer);
     this.devices = shared.devices.buffer;
     this.rowView = fixedView(this.devices);
+    this.nested = shared.memory === undefined ? undefined : NestedWalker.direct(this.tables, new GuestWords(shared.memory));
+  }
+
+  /** The stage-1 walk of the last NESTED page translated (fault code and level, for diagnostics). */
+  get nestedWalker(): NestedWalker | undefined {
+    return this.nested;
   }
 
   private rows(row: number): Int32Array {
@@ -205,8 +224,23 @@ export class TranslationReader {
     const r = this.findPasidRow(row, pasid);
     if (r < 0) return PageResult.DOMAIN;
     this.readRow(r, rowOut);
+    if (rowOut.kind === AttachKind.NESTED) return this.translateNested(rowOut.header, iovaPfn, write, leaf);
     const walked = rowOut.kind === AttachKind.PAGING && this.tables.walk(rowOut.header, iovaPfn, leaf);
     return resolvePage(rowOut, iovaPfn, write, leaf, walked);
+  }
+
+  /** A NESTED row: the 2-D walk, then the access against both stages (a user request). */
+  private translateNested(record: number, iovaPfn: number, write: boolean, leaf: LeafInfo): number {
+    if (this.nested === undefined) return PageResult.DOMAIN;
+    if (record + 16 > this.tables.words.length) this.tables.refresh();
+    if (!readStage1(this.tables.words, record, this.stage1)) return PageResult.DOMAIN;
+    const r = this.nested.walk(this.stage1, iovaPfn, leaf);
+    if (r === NestedResult.STAGE1) return PageResult.MAPPING;
+    if (r === NestedResult.STAGE2) return PageResult.STAGE2;
+    const need = nestedNeed(!write, write, false);
+    if (r === NestedResult.OK && (leaf.flags & need) === need) return PageResult.OK;
+    // Refused, or the output page is not in stage 2: stage 1's verdict comes first.
+    return stage1Refuses(leaf.flags, need) ? PageResult.PERMISSION : PageResult.STAGE2;
   }
 }
 

@@ -59,6 +59,12 @@ export const FaultReason = {
   MAPPING: 2,
   /** Mapped, but without the permission the access needs. */
   PERMISSION: 3,
+  /**
+   * Nested translation: stage 2 (the parent IOAS) does not map a guest-physical address the walk
+   * needed (a stage-1 table page, or the output page) or refuses the access to it. Stage-1 faults
+   * are MAPPING and PERMISSION like any other.
+   */
+  STAGE2: 4,
 } as const;
 export type FaultReasonValue = (typeof FaultReason)[keyof typeof FaultReason];
 

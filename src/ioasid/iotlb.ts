@@ -28,9 +28,18 @@ export interface IotlbOptions {
   readonly trackedSpaces?: number;
 }
 
+/** Called with each invalidated range of IOVA page frames, [first, last] inclusive. */
+export type RangeVisitor = (first: number, last: number) => void;
+
 /** Where revalidate() reads an address space's GENERATION word (TableReader fits). */
 export interface GenerationSource {
   generation(header: number): number;
+  /**
+   * For a nested space (a stage-1 record): visits the IOVA ranges invalidated by generations
+   * [from, to) and returns true, or returns false when they are no longer known. Without it, a
+   * nested space whose generation moved loses all its entries.
+   */
+  invalidations?(tag: number, from: number, to: number, visit: RangeVisitor): boolean;
 }
 
 export interface IotlbStats {
@@ -43,6 +52,8 @@ export interface IotlbStats {
   readonly invalidations: number;
   /** Valid entries overwritten by a fill that hashed to the same set. */
   readonly evictions: number;
+  /** Invalidated IOVA ranges applied to nested spaces (each drops only the entries it overlaps). */
+  readonly rangeInvalidations: number;
 }
 
 // IotlbEntry as plain numbers: the hit path then does no property loads on the layout table.
@@ -102,6 +113,14 @@ export class Iotlb {
   private declare nFlushes: number;
   private declare nInvalidations: number;
   private declare nEvictions: number;
+  /** Nested spaces: the stage-2 header each tracked space depends on (0 for a plain space) ... */
+  private declare readonly trackParent: Int32Array;
+  /** ... and that header's generation when the space's entries were filled. */
+  private declare readonly trackParentGeneration: Int32Array;
+  private declare nRangeInvalidations: number;
+  /** Tag of the space a RangeVisitor call applies to, and the visitor itself (made once). */
+  private declare rangeTag: number;
+  private declare readonly rangeVisitor: RangeVisitor;
 
   constructor(options: IotlbOptions = {}) {
     const small = powerOfTwo('smallEntries', options.smallEntries ?? 1024);
@@ -125,6 +144,11 @@ export class Iotlb {
     this.nFlushes = 0;
     this.nInvalidations = 0;
     this.nEvictions = 0;
+    this.trackParent = new Int32Array(spaces);
+    this.trackParentGeneration = new Int32Array(spaces);
+    this.nRangeInvalidations = 0;
+    this.rangeTag = 0;
+    this.rangeVisitor = (first, last) => this.dropRange(this.rangeTag, first, last);
   }
 
   /**
@@ -183,7 +207,31 @@ export class Iotlb {
    */
   insert(header: number, generation: number, leaf: LeafInfo): void {
     if (!(header > 0)) throw new RangeError(`IOTLB header must be positive, got ${header}`);
-    this.track(header, generation);
+    this.track(header, generation, 0, 0);
+    this.store(header, leaf);
+  }
+
+  /**
+   * Caches a combined nested translation under `tag` (its stage-1 record). `generation` is the
+   * record's GENERATION and `parentGeneration` stage 2's (`parent`), both loaded before the walk:
+   * a later stage-1 invalidation drops the entries in its ranges, any stage-2 change all of them.
+   */
+  insertNested(tag: number, generation: number, parent: number, parentGeneration: number, leaf: LeafInfo): void {
+    if (!(tag > 0) || !(parent > 0)) throw new RangeError(`IOTLB tags must be positive, got ${tag} over ${parent}`);
+    this.track(tag, generation, parent, parentGeneration);
+    this.store(tag, leaf);
+  }
+
+  /**
+   * Makes the entries of plain space `header` at least as new as `generation` (drops them if they
+   * were filled under another one). A nested fill calls it for stage 2 before walking, so the
+   * stage-2 entries it reuses are no older than the generation it files the result under.
+   */
+  sync(header: number, generation: number): void {
+    this.track(header, generation, 0, 0);
+  }
+
+  private store(header: number, leaf: LeafInfo): void {
     const e = this.entries;
     const h = spaceHash(header);
     let i: number;
@@ -207,13 +255,15 @@ export class Iotlb {
     this.nFills++;
   }
 
-  private track(header: number, generation: number): void {
+  private track(header: number, generation: number, parent: number, parentGeneration: number): void {
     const th = this.trackHeader;
     for (let t = 0; t < this.tracked; t++) {
       if (th[t] === header) {
-        if (this.trackGeneration[t] !== generation) {
+        if (this.trackGeneration[t] !== generation || this.trackParent[t] !== parent || this.trackParentGeneration[t] !== parentGeneration) {
           this.dropEntries(header);
           this.trackGeneration[t] = generation;
+          this.trackParent[t] = parent;
+          this.trackParentGeneration[t] = parentGeneration;
         }
         return;
       }
@@ -223,10 +273,14 @@ export class Iotlb {
       this.dropEntries(th[0]!);
       th.copyWithin(0, 1, this.tracked);
       this.trackGeneration.copyWithin(0, 1, this.tracked);
+      this.trackParent.copyWithin(0, 1, this.tracked);
+      this.trackParentGeneration.copyWithin(0, 1, this.tracked);
       this.tracked--;
     }
     th[this.tracked] = header;
     this.trackGeneration[this.tracked] = generation;
+    this.trackParent[this.tracked] = parent;
+    this.trackParentGeneration[this.tracked] = parentGeneration;
     this.tracked++;
   }
 
@@ -234,6 +288,8 @@ export class Iotlb {
     this.tracked--;
     this.trackHeader[t] = this.trackHeader[this.tracked]!;
     this.trackGeneration[t] = this.trackGeneration[this.tracked]!;
+    this.trackParent[t] = this.trackParent[this.tracked]!;
+    this.trackParentGeneration[t] = this.trackParentGeneration[this.tracked]!;
   }
 
   /** Clears every entry of one address space. */
@@ -252,22 +308,71 @@ export class Iotlb {
   /**
    * Compares every tracked address space's current generation (read from shared memory through
    * `source`, e.g. a TableReader) with the one its entries were filled under, and drops the
-   * entries of each that moved. Called when the quiescence epoch moved. Returns the number of
-   * address spaces dropped.
+   * entries of each that moved. A nested space whose stage 2 is unchanged drops only the entries
+   * in the ranges its stage-1 invalidations name, when `source` can still list them. Called when
+   * the quiescence epoch moved. Returns the number of address spaces dropped whole.
    */
   revalidate(source: GenerationSource): number {
     let dropped = 0;
     for (let t = 0; t < this.tracked; ) {
       const header = this.trackHeader[t]!;
-      if (source.generation(header) !== this.trackGeneration[t]) {
+      const parent = this.trackParent[t]!;
+      const generation = source.generation(header);
+      const old = this.trackGeneration[t]!;
+      let whole = false;
+      if (parent !== 0 && source.generation(parent) !== this.trackParentGeneration[t]) {
+        whole = true;
+      } else if (generation !== old) {
+        this.rangeTag = header;
+        whole = parent === 0 || source.invalidations === undefined || !source.invalidations(header, old, generation, this.rangeVisitor);
+      }
+      if (whole) {
         this.dropEntries(header);
         this.untrack(t);
         dropped++;
       } else {
+        this.trackGeneration[t] = generation;
         t++;
       }
     }
     return dropped;
+  }
+
+  /**
+   * Drops the entries of space `header` that overlap IOVA pages [first, last]: each page (and 2 MiB
+   * / 1 GiB frame) of a short range is probed at the one set it can live in; a long range is a scan.
+   */
+  dropRange(header: number, first: number, last: number): void {
+    this.nRangeInvalidations++;
+    if (!(first <= last)) return;
+    const h = spaceHash(header);
+    this.dropSized(header, first, last, 0, 1, this.smallMask, h);
+    if (this.hugeValid === 0) return;
+    this.dropSized(header, Math.floor(first / PAGES_2M), Math.floor(last / PAGES_2M), this.mediumBase, PAGES_2M, this.mediumMask, h);
+    this.dropSized(header, Math.floor(first / PAGES_1G), Math.floor(last / PAGES_1G), this.largeBase, PAGES_1G, this.largeMask, h);
+  }
+
+  /** dropRange() for one array: frames [lo, hi] of `pages` pages each. */
+  private dropSized(header: number, lo: number, hi: number, base: number, pages: number, mask: number, h: number): void {
+    const e = this.entries;
+    const huge = base !== 0;
+    if (hi - lo < mask) {
+      for (let frame = lo; frame <= hi; frame++) {
+        const i = (base + ((frame ^ h) & mask)) * STRIDE;
+        if (e[i + E_HEADER] === header && e[i + E_PFN] === frame * pages) {
+          e[i + E_HEADER] = 0;
+          if (huge) this.hugeValid--;
+        }
+      }
+      return;
+    }
+    for (let i = base * STRIDE; i < (base + mask + 1) * STRIDE; i += STRIDE) {
+      const frame = e[i + E_PFN]! / pages;
+      if (e[i + E_HEADER] === header && frame >= lo && frame <= hi) {
+        e[i + E_HEADER] = 0;
+        if (huge) this.hugeValid--;
+      }
+    }
   }
 
   /** Drops one address space's entries (e.g. it was destroyed). */
@@ -304,6 +409,7 @@ export class Iotlb {
       flushes: this.nFlushes,
       invalidations: this.nInvalidations,
       evictions: this.nEvictions,
+      rangeInvalidations: this.nRangeInvalidations,
     };
   }
 }

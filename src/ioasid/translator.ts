@@ -1,10 +1,13 @@
-import { GPA_LIMIT } from '../memory/guest-memory.js';
+import { GPA_LIMIT, type GuestMemoryDescriptor } from '../memory/guest-memory.js';
 import { EntryFlag, MAX_IOVA_PFN, PAGE_SHIFT, PAGE_SIZE } from '../pagetable/format.js';
 import { TableReader, emptyLeafInfo, type LeafInfo } from '../pagetable/walk.js';
+import { X86Fault, type X86FaultValue } from '../pagetable/x86-64.js';
 import { AttachKind, TranslationReader, emptyRowValue, type DeviceTableDescriptor } from './device-table.js';
 import { FaultAccess, FaultReason, NO_PASID, type FaultProducer, type FaultReasonValue } from './fault-queue.js';
-import { Iotlb, type IotlbOptions, type IotlbStats } from './iotlb.js';
+import { Iotlb, type GenerationSource, type IotlbOptions, type IotlbStats, type RangeVisitor } from './iotlb.js';
+import { GuestWords, NestedFlag, NestedResult, NestedWalker, type NestedResultValue } from './nested.js';
 import { EpochChange, type EpochChangeValue, type QuiescenceWorker } from './quiescence.js';
+import { emptyStage1View, readInvalidations, readStage1, type Stage1View } from './stage1-record.js';
 
 /** How a (device, PASID) translates; the same values as the device table's attachment kinds. */
 export const TranslationKind = {
@@ -14,11 +17,13 @@ export const TranslationKind = {
   IDENTITY: 1,
   /** Walk the address space whose header slot is `header`. */
   PAGING: 2,
+  /** Walk the guest's stage-1 table described by the stage-1 record at `header`, over its stage 2. */
+  NESTED: 3,
 } as const;
 
 export interface Attachment {
   kind: number;
-  /** PAGING: Int32 index of the address space's header slot in the table pool. */
+  /** PAGING: Int32 index of the address space's header slot in the table pool. NESTED: of the stage-1 record. */
   header: number;
 }
 
@@ -30,6 +35,8 @@ export interface Attachment {
 export interface AttachmentSource {
   /** Fills `out` for (deviceSlot, pasid); pasid is NO_PASID for a DMA without one. Unknown: BLOCKED. */
   resolve(deviceSlot: number, pasid: number, out: Attachment): void;
+  /** Guest memory, where nested attachments' stage-1 tables live (TranslatorOptions.memory wins). */
+  readonly memory?: GuestMemoryDescriptor;
 }
 
 /** A fixed, thread-local attachment table (tests, benches, single-address-space devices). */
@@ -56,14 +63,21 @@ export class FixedAttachments implements AttachmentSource {
 /**
  * Attachments read from a context's shared device table (Context.describeShared()), as a device
  * worker finds them: the device's row for a DMA without PASID, the PASID's row through the
- * device's PASID directory otherwise. Nested attachments are not translated yet: they block.
+ * device's PASID directory otherwise. Nested rows need guest memory (describeShared() has it).
  */
 export class DeviceTableAttachments implements AttachmentSource {
+  readonly memory: GuestMemoryDescriptor | undefined;
   private readonly reader: TranslationReader;
   private readonly row = emptyRowValue();
 
-  constructor(shared: { readonly pool: { readonly buffer: SharedArrayBuffer }; readonly devices: DeviceTableDescriptor }) {
-    this.reader = new TranslationReader(shared);
+  constructor(shared: {
+    readonly pool: { readonly buffer: SharedArrayBuffer };
+    readonly devices: DeviceTableDescriptor;
+    readonly memory?: GuestMemoryDescriptor;
+  }) {
+    // The reader only finds rows here; the translator walks, so it gets no memory of its own.
+    this.reader = new TranslationReader({ pool: shared.pool, devices: shared.devices });
+    this.memory = shared.memory;
   }
 
   resolve(deviceSlot: number, pasid: number, out: Attachment): void {
@@ -76,8 +90,13 @@ export class DeviceTableAttachments implements AttachmentSource {
     }
     this.reader.readRow(r, this.row);
     const kind = this.row.kind;
-    out.kind = kind === AttachKind.PAGING ? TranslationKind.PAGING : kind === AttachKind.IDENTITY ? TranslationKind.IDENTITY : TranslationKind.BLOCKED;
-    out.header = kind === AttachKind.PAGING ? this.row.header : 0;
+    if (kind === AttachKind.PAGING || kind === AttachKind.NESTED) {
+      out.kind = kind === AttachKind.PAGING ? TranslationKind.PAGING : TranslationKind.NESTED;
+      out.header = this.row.header;
+      return;
+    }
+    out.kind = kind === AttachKind.IDENTITY ? TranslationKind.IDENTITY : TranslationKind.BLOCKED;
+    out.header = 0;
   }
 }
 
@@ -138,6 +157,11 @@ export interface TranslatorOptions {
   /** Where faults are reported; none: translate() still returns the reason. */
   readonly faults?: FaultProducer;
   readonly iotlb?: IotlbOptions;
+  /**
+   * Guest memory, for nested attachments' stage-1 tables (default: the attachment source's). A
+   * translator without it treats nested attachments as blocked.
+   */
+  readonly memory?: GuestMemoryDescriptor;
 }
 
 export interface TranslatorStats {
@@ -154,20 +178,44 @@ const U64_MAX = (1n << 64n) - 1n;
 const OK = FaultReason.NONE;
 const PAGING = TranslationKind.PAGING;
 const IDENTITY = TranslationKind.IDENTITY;
+const NESTED = TranslationKind.NESTED;
 const PAGE = PAGE_SIZE;
 const SHIFT = PAGE_SHIFT;
 const LAST_PFN = MAX_IOVA_PFN;
 const NEED_READ = EntryFlag.READ;
 const NEED_WRITE = EntryFlag.WRITE;
+const NEED_EXEC = NestedFlag.EXEC;
+const S1_READ = NestedFlag.S1_READ;
+const S1_WRITE = NestedFlag.S1_WRITE;
+const S1_EXEC = NestedFlag.S1_EXEC;
 const ACCESS_READS = FaultAccess.READ | FaultAccess.EXEC;
+const ACCESS_READ = FaultAccess.READ;
 const ACCESS_WRITES = FaultAccess.WRITE;
+const ACCESS_EXEC = FaultAccess.EXEC;
 const NONE_PASID = NO_PASID;
 /** Fault IOVAs are split at 2^32 = pfn 2^20 pages. */
 const PFNS_PER_HIGH_WORD = 2 ** (32 - PAGE_SHIFT);
 
 /**
+ * What the IOTLB's revalidation reads: generations from the table pool, and for nested spaces the
+ * invalidation ring of their stage-1 record.
+ */
+class PoolGenerations implements GenerationSource {
+  constructor(private readonly tables: TableReader) {}
+
+  generation(header: number): number {
+    return this.tables.generation(header);
+  }
+
+  invalidations(tag: number, from: number, to: number, visit: RangeVisitor): boolean {
+    return readInvalidations(this.tables.words, tag, from, to, visit);
+  }
+}
+
+/**
  * A device worker's DMA translation: IOVA range → guest-physical spans, through the IOTLB and,
- * on a miss, a lock-free walk of the shared page table. One per worker thread.
+ * on a miss, a lock-free walk of the shared page table (for a nested attachment, the 2-D walk of
+ * the guest's stage-1 table over its stage 2). One per worker thread.
  *
  * Strict unmap: every translation happens inside a DMA bracketed by beginDma()/endDma() (or
  * withDma(); translate() brackets itself when called outside one). A DMA uses translations valid
@@ -184,8 +232,16 @@ export class Translator {
   declare faultReason: FaultReasonValue;
   declare faultIovaLo: number;
   declare faultIovaHi: number;
+  /**
+   * For a nested attachment's fault: the stage-1 walk's X86Fault (NOT_PRESENT, RESERVED_BIT,
+   * NON_CANONICAL, PERMISSION, or STAGE2) and the stage-1 level it happened at; X86Fault.NONE and
+   * 0 for other faults.
+   */
+  declare faultDetail: X86FaultValue;
+  declare faultLevel: number;
 
   private declare readonly tables: TableReader;
+  private declare readonly generations: PoolGenerations;
   private declare readonly leaf: LeafInfo;
   private declare depth: number;
   /** One-entry attachment cache, valid for the current epoch only. */
@@ -194,6 +250,11 @@ export class Translator {
   private declare memoPasid: number;
   private declare memoKind: number;
   private declare memoHeader: number;
+  /** NESTED: the stage 1 of the memoised attachment (root, levels, stage-2 header). */
+  private declare readonly memoStage1: Stage1View;
+  private declare readonly nested: NestedWalker | undefined;
+  /** Stage-2 lookups of nested walks: the IOTLB first, a walk and a fill on a miss. */
+  private declare readonly stage2Leaf: LeafInfo;
   private declare nTranslations: number;
   private declare nFaults: number;
   private declare nDmas: number;
@@ -209,7 +270,10 @@ export class Translator {
     this.faultReason = FaultReason.NONE;
     this.faultIovaLo = 0;
     this.faultIovaHi = 0;
+    this.faultDetail = X86Fault.NONE;
+    this.faultLevel = 0;
     this.tables = new TableReader(options.pool);
+    this.generations = new PoolGenerations(this.tables);
     this.leaf = emptyLeafInfo();
     this.depth = 0;
     this.memoValid = false;
@@ -217,6 +281,10 @@ export class Translator {
     this.memoPasid = 0;
     this.memoKind = 0;
     this.memoHeader = 0;
+    this.memoStage1 = emptyStage1View();
+    this.stage2Leaf = emptyLeafInfo();
+    const memory = options.memory ?? options.attachments.memory;
+    this.nested = memory === undefined ? undefined : new NestedWalker(new GuestWords(memory), (header, pfn, leaf) => this.lookupStage2(header, pfn, leaf));
     this.nTranslations = 0;
     this.nFaults = 0;
     this.nDmas = 0;
@@ -260,7 +328,7 @@ export class Translator {
     // Attachments have no generation of their own: any epoch may have changed one.
     this.memoValid = false;
     if (change === EpochChange.FLUSH) this.iotlb.flush();
-    else this.iotlb.revalidate(this.tables);
+    else this.iotlb.revalidate(this.generations);
   }
 
   /**
@@ -303,14 +371,7 @@ export class Translator {
     if (!(length >= 0 && Number.isSafeInteger(length))) throw new RangeError(`bad DMA length ${length}`);
     if (length === 0) return OK;
 
-    if (!this.memoValid || this.memoDevice !== deviceSlot || this.memoPasid !== pasid) {
-      this.attachments.resolve(deviceSlot, pasid, this.attachment);
-      this.memoDevice = deviceSlot;
-      this.memoPasid = pasid;
-      this.memoKind = this.attachment.kind;
-      this.memoHeader = this.attachment.header;
-      this.memoValid = true;
-    }
+    if (!this.memoValid || this.memoDevice !== deviceSlot || this.memoPasid !== pasid) this.resolve(deviceSlot, pasid);
     if (this.memoKind === PAGING) {
       if (offset + length > PAGE) return this.translatePaging(deviceSlot, pasid, this.memoHeader, pfn, offset, length, access);
       // The common case on its own: one page, one span, written directly.
@@ -327,6 +388,7 @@ export class Translator {
       spans.count = 1;
       return OK;
     }
+    if (this.memoKind === NESTED) return this.translateNested(deviceSlot, pasid, this.memoHeader, pfn, offset, length, access);
     if (this.memoKind === IDENTITY) {
       // Identity: the IOVA is the GPA, which must stay a safe integer (guest memory checks the rest).
       if (pfn * PAGE_SIZE + offset + length > GPA_LIMIT) return this.fault(FaultReason.MAPPING, deviceSlot, pasid, pfn, offset, length, access);
@@ -334,6 +396,21 @@ export class Translator {
       return OK;
     }
     return this.fault(FaultReason.DOMAIN, deviceSlot, pasid, pfn, offset, length, access);
+  }
+
+  /** Looks the attachment up (first DMA of a device after an epoch change) and memoises it. */
+  private resolve(deviceSlot: number, pasid: number): void {
+    this.attachments.resolve(deviceSlot, pasid, this.attachment);
+    this.memoDevice = deviceSlot;
+    this.memoPasid = pasid;
+    this.memoKind = this.attachment.kind;
+    this.memoHeader = this.attachment.header;
+    this.memoValid = true;
+    if (this.memoKind !== NESTED) return;
+    const words = this.tables.words;
+    if (this.memoHeader + 16 > words.length) this.tables.refresh();
+    // Without guest memory, or with a record that is not (or no longer) live: blocked.
+    if (this.nested === undefined || !readStage1(this.tables.words, this.memoHeader, this.memoStage1)) this.memoKind = TranslationKind.BLOCKED;
   }
 
   private translatePaging(
@@ -370,6 +447,56 @@ export class Translator {
     return OK;
   }
 
+  /**
+   * A nested attachment: IOTLB entries tagged with the stage-1 record, filled by the 2-D walk.
+   * Stage-1 faults are MAPPING or PERMISSION, stage-2 faults STAGE2 (faultDetail tells which).
+   */
+  private translateNested(
+    deviceSlot: number,
+    pasid: number,
+    tag: number,
+    pfn: number,
+    offset: number,
+    length: number,
+    access: number,
+  ): FaultReasonValue {
+    if (pfn + Math.floor((offset + length - 1) / PAGE) > LAST_PFN) {
+      this.faultDetail = X86Fault.NON_CANONICAL;
+      this.faultLevel = 0;
+      return this.fault(FaultReason.MAPPING, deviceSlot, pasid, pfn, offset, length, access);
+    }
+    const need = ((access & ACCESS_READ) !== 0 ? NEED_READ : 0) | ((access & ACCESS_WRITES) !== 0 ? NEED_WRITE : 0) | ((access & ACCESS_EXEC) !== 0 ? NEED_EXEC : 0);
+    const leaf = this.leaf;
+    const iotlb = this.iotlb;
+    let cur = pfn;
+    let off = offset;
+    let left = length;
+    while (left > 0) {
+      if (!iotlb.lookup(tag, cur, leaf)) {
+        const r = this.fillNested(tag, cur, leaf);
+        // OUTPUT: leaf.flags has the stage-1 rights only, so refuse() tells which stage faults.
+        if (r !== NestedResult.OK && r !== NestedResult.OUTPUT) return this.fault(r === NestedResult.STAGE2 ? FaultReason.STAGE2 : FaultReason.MAPPING, deviceSlot, pasid, cur, off, length, access);
+      }
+      if ((leaf.flags & need) !== need) return this.refuse(leaf.flags, need, deviceSlot, pasid, cur, off, length, access);
+      const leafEnd = leaf.leafPfn + (1 << (leaf.pageShift - SHIFT));
+      const chunk = Math.min(left, (leafEnd - cur) * PAGE - off);
+      this.spans.push(leaf.guestPfn * PAGE + off, chunk);
+      left -= chunk;
+      cur = leafEnd;
+      off = 0;
+    }
+    return OK;
+  }
+
+  /** A combined translation without a right the access needs: stage 1's fault, or stage 2's. */
+  private refuse(flags: number, need: number, deviceSlot: number, pasid: number, pfn: number, offset: number, length: number, access: number): FaultReasonValue {
+    const s1 = ((need & NEED_READ) !== 0 ? S1_READ : 0) | ((need & NEED_WRITE) !== 0 ? S1_WRITE : 0) | ((need & NEED_EXEC) !== 0 ? S1_EXEC : 0);
+    const stage1 = (flags & s1) !== s1;
+    this.faultDetail = stage1 ? X86Fault.PERMISSION : X86Fault.STAGE2;
+    this.faultLevel = 0;
+    return this.fault(stage1 ? FaultReason.PERMISSION : FaultReason.STAGE2, deviceSlot, pasid, pfn, offset, length, access);
+  }
+
   /** An IOTLB miss: walks the table and caches the leaf. False when nothing is mapped there. */
   private fill(header: number, pfn: number, leaf: LeafInfo): boolean {
     // The generation is read before the walk: if an unmap lands during the walk, the entry is
@@ -380,10 +507,42 @@ export class Translator {
     return true;
   }
 
+  /** Stage-2 lookups of a nested walk: table pages and output pages are cached like any page. */
+  private lookupStage2(header: number, pfn: number, leaf: LeafInfo): boolean {
+    return this.iotlb.lookup(header, pfn, leaf) || this.fill(header, pfn, leaf);
+  }
+
+  /** A nested IOTLB miss: the 2-D walk, cached under the stage-1 record. Returns a NestedResult. */
+  private fillNested(tag: number, pfn: number, leaf: LeafInfo): NestedResultValue {
+    const stage1 = this.memoStage1;
+    const stage2 = stage1.stage2;
+    // Both generations before the walk (see fill()); stage-2 entries the walk reuses are made no
+    // older than the stage-2 generation the result is filed under.
+    const generation = this.tables.generation(tag);
+    const parentGeneration = this.tables.generation(stage2);
+    this.iotlb.sync(stage2, parentGeneration);
+    const walker = this.nested;
+    // resolve() only memoises NESTED when there is a walker.
+    if (walker === undefined) return NestedResult.STAGE1;
+    const r = walker.walk(stage1, pfn, leaf);
+    if (r === NestedResult.OK) {
+      this.iotlb.insertNested(tag, generation, stage2, parentGeneration, leaf);
+    } else if (r !== NestedResult.OUTPUT) {
+      const x86 = walker.x86;
+      this.faultDetail = r === NestedResult.STAGE2 ? X86Fault.STAGE2 : x86.fault;
+      this.faultLevel = x86.faultLevel;
+    }
+    return r;
+  }
+
   private fault(reason: FaultReasonValue, deviceSlot: number, pasid: number, pfn: number, offset: number, length: number, access: number): FaultReasonValue {
     // Split pfn * 4096 + offset at 2^32 without leaving exact integers (IOVAs reach 2^64).
     const hi = Math.floor(pfn / PFNS_PER_HIGH_WORD);
     const lo = ((pfn - hi * PFNS_PER_HIGH_WORD) * PAGE_SIZE + offset) >>> 0;
+    if (this.memoKind !== NESTED) {
+      this.faultDetail = X86Fault.NONE;
+      this.faultLevel = 0;
+    }
     this.faultReason = reason;
     this.faultIovaLo = lo;
     this.faultIovaHi = hi;
