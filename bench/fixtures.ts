@@ -2,7 +2,18 @@ import { runInNewContext } from 'node:vm';
 import { setFlagsFromString } from 'node:v8';
 import { GuestAllocator } from '../guest-fixtures/driver/allocator.js';
 import { X86PageTableBuilder, memoryEntryWriter, pagesFromAllocator } from '../guest-fixtures/pagetable/x86-64-builder.js';
-import { IommufdHost, IoasMapFlag, IommuOption, IommuOptionOp, emptyRowValue, readRow, type Context } from '../src/ioasid/index.js';
+import {
+  HwptAllocFlag,
+  HwptDataType,
+  IommufdHost,
+  IoasMapFlag,
+  IommuOption,
+  IommuOptionOp,
+  emptyRowValue,
+  encodeVtdS1,
+  readRow,
+  type Context,
+} from '../src/ioasid/index.js';
 import { GuestMemory } from '../src/memory/index.js';
 import { PAGE_SIZE, TABLE_BYTES } from '../src/pagetable/index.js';
 import { X86_PAGE_4K } from '../src/pagetable/x86-64.js';
@@ -123,11 +134,15 @@ export function mappedContext(ctx: BenchContext): Promise<MappedContext> {
 /**
  * A guest that builds its own x86-64 stage-1 table (4 KiB leaves for `pages` IOVA pages) in guest
  * RAM, over a stage-2 IOAS that maps all of guest RAM at IOVA = GPA with huge pages, as a VMM maps
- * a VM's memory for nesting.
+ * a VM's memory for nesting; the device is attached to a nested HWPT over that table.
  */
 export interface NestedGuest {
   readonly memory: GuestMemory;
   readonly context: Context;
+  readonly device: number;
+  /** The device's row in the shared device table (attached to `nested`). */
+  readonly row: number;
+  readonly nested: number;
   /** Header slot of the stage-2 IOAS in the context's table pool. */
   readonly header: number;
   readonly root: number;
@@ -154,10 +169,13 @@ export function nestedGuest(ctx: BenchContext): Promise<NestedGuest> {
       allocator: pagesFromAllocator(new GuestAllocator(ram / 2, ram / 2)),
       write: memoryEntryWriter(memory),
     });
-    const permissions = { writable: true, user: false, executable: false };
+    const permissions = { writable: true, user: true, executable: false };
     for (let i = 0; i < pages; i++) {
       builder.map((MAPPINGS_BASE_PFN + i) * PAGE_SIZE, scatteredFrame(i, TARGET_FRAMES) * PAGE_SIZE, X86_PAGE_4K, permissions);
     }
-    return { memory, context, header, root: builder.root, basePfn: MAPPINGS_BASE_PFN, pages };
+    const parent = context.hwptAlloc(device, ioas, { flags: HwptAllocFlag.NEST_PARENT });
+    const nested = context.hwptAlloc(device, parent, { dataType: HwptDataType.VTD_S1, data: encodeVtdS1(BigInt(builder.root), 48) });
+    context.deviceAttach(device, nested);
+    return { memory, context, device, row: context.deviceRow(device), nested, header, root: builder.root, basePfn: MAPPINGS_BASE_PFN, pages };
   });
 }

@@ -72,11 +72,15 @@ export interface ComlinkBackendApi {
   unmap(iova: number, length: number): void;
 }
 
-/** Start message of the nested-walk worker. */
+/** Start message of the nested-translation worker. */
 export interface NestedStart {
   readonly memory: GuestMemoryDescriptor;
-  /** Stage 2: the table pool and the header slot of the IOAS that maps guest RAM. */
+  /** The context's table pool and device table; the device's row is attached to the nested HWPT. */
   readonly pool: SharedArrayBuffer;
+  readonly devices: SharedArrayBuffer;
+  readonly row: number;
+  readonly quiescence: SharedArrayBuffer;
+  /** Stage 2 (for the uncached walk figure): the header slot of the IOAS that maps guest RAM. */
   readonly header: number;
   /** Guest-physical address of the stage-1 PML4. */
   readonly root: number;
@@ -88,8 +92,12 @@ export interface NestedStart {
 
 export interface NestedResult {
   readonly missNs: number;
-  /** Stage-2 translations per nested miss (stage-1 entries read, plus the data page). */
+  readonly hitNs: number;
+  /** The uncached 2-D walk alone. */
+  readonly walkNs: number;
+  /** Stage-2 translations per uncached nested walk (stage-1 entries read, plus the data page). */
   readonly reads: number;
+  readonly missRate: number;
 }
 
 /** Start message of the virtio-iommu bench worker. */

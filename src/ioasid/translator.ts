@@ -388,7 +388,23 @@ export class Translator {
       spans.count = 1;
       return OK;
     }
-    if (this.memoKind === NESTED) return this.translateNested(deviceSlot, pasid, this.memoHeader, pfn, offset, length, access);
+    if (this.memoKind === NESTED) {
+      if (offset + length > PAGE || pfn > LAST_PFN) return this.translateNested(deviceSlot, pasid, this.memoHeader, pfn, offset, length, access);
+      // One page, as for PAGING: a hit is one lookup and one flags check.
+      const leaf = this.leaf;
+      const tag = this.memoHeader;
+      if (!this.iotlb.lookup(tag, pfn, leaf)) {
+        const r = this.fillNested(tag, pfn, leaf);
+        if (r !== NestedResult.OK && r !== NestedResult.OUTPUT) return this.fault(r === NestedResult.STAGE2 ? FaultReason.STAGE2 : FaultReason.MAPPING, deviceSlot, pasid, pfn, offset, length, access);
+      }
+      const need = ((access & ACCESS_READ) !== 0 ? NEED_READ : 0) | ((access & ACCESS_WRITES) !== 0 ? NEED_WRITE : 0) | ((access & ACCESS_EXEC) !== 0 ? NEED_EXEC : 0);
+      if ((leaf.flags & need) !== need) return this.refuse(leaf.flags, need, deviceSlot, pasid, pfn, offset, length, access);
+      const spans = this.spans;
+      spans.gpa[0] = leaf.guestPfn * PAGE + offset;
+      spans.bytes[0] = length;
+      spans.count = 1;
+      return OK;
+    }
     if (this.memoKind === IDENTITY) {
       // Identity: the IOVA is the GPA, which must stay a safe integer (guest memory checks the rest).
       if (pfn * PAGE_SIZE + offset + length > GPA_LIMIT) return this.fault(FaultReason.MAPPING, deviceSlot, pasid, pfn, offset, length, access);
