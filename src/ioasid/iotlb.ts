@@ -90,6 +90,10 @@ function powerOfTwo(name: string, value: number): number {
  * whenever a translation in it is removed or narrowed. The IOTLB remembers, per address space, the
  * generation its entries were filled under, and drops exactly that space's entries when it moves
  * (revalidate(), or a fill under a newer generation). flush() drops everything.
+ *
+ * A nested space (combined stage-1 + stage-2 translations, tagged with the stage-1 record) is
+ * tracked under two generations: stage 2's, whose move drops the space, and the record's, whose
+ * move drops only the entries overlapping the IOVA ranges the record's invalidation ring names.
  */
 export class Iotlb {
   // Fields are declared, not initialised, and all set in the constructor: V8 then gives every one
