@@ -480,7 +480,8 @@ function parseStep(value: unknown, path: string): GuestStep {
             gpa: required(o, 'gpa', q, expectU64),
             size: optional(o, 'size', q, oneOf(['4K', '2M', '1G'] as const)) ?? '4K',
             write: optional(o, 'write', q, expectBoolean) ?? true,
-            user: optional(o, 'user', q, expectBoolean) ?? false,
+            // DMA counts as a user access (no supervisor requests): mappings are user unless told otherwise.
+            user: optional(o, 'user', q, expectBoolean) ?? true,
           };
         }),
       ) ?? [];
