@@ -84,7 +84,8 @@ function setup(count: number): Setup {
   ctx.deviceAttach(dev, nested, PASID);
   for (let i = 0; i < LAYOUT.stablePages; i++) builder.map(LAYOUT.stableIova + i * X86_PAGE_4K, LAYOUT.stableGpa + i * X86_PAGE_4K, X86_PAGE_4K, USER_RW);
 
-  const faultBuffer = createFaultQueueBuffer(256);
+  // Large enough to keep every fault of the run: the check below needs both kinds, not the first 256.
+  const faultBuffer = createFaultQueueBuffer(1 << 16);
   const control = new SharedArrayBuffer(stressControlWords(count) * 4);
   const ctl = new Int32Array(control);
   Atomics.store(ctl, StressControl.DONE_ROUND, -1);
