@@ -128,8 +128,12 @@ describe('viommu demo (npm start)', () => {
     expect(text).toMatch(/fault record: reason MAPPING, endpoint 0x10, WRITE at 0x90000000/);
     expect(text).toMatch(/received them back: identical/);
     expect(text).toMatch(/fault record: reason MAPPING, endpoint 0x18, READ at 0x90000000/);
-    // The net arena (256 pages) plus source and destination (2 + 2); the destination mapped at two
-    // IOVAs is pinned and counted once: 260, not 262.
-    expect(doc.summary).toMatchObject({ requests: 8, faultsReported: 4, pinnedPages: 260, accountedPages: 260, netPackets: 1 });
+    expect(text).toMatch(/bytes landed at the new GPA/);
+    expect(text).toMatch(/fault record: reason DOMAIN, endpoint 0x10, READ at 0x7f0000000000, PASID 2/);
+    // Before nesting: the net arena (256 pages) plus source and destination (2 + 2), the destination
+    // mapped at two IOVAs counted once: 260, not 262.
+    expect(text).toMatch(/pinned guest pages: 260, counted against the memlock limit: 260/);
+    // Nesting's stage 2 maps all 64 MiB of RAM: 16384 pages, the 260 among them not counted again.
+    expect(doc.summary).toMatchObject({ requests: 10, faultsReported: 5, pinnedPages: 16384, accountedPages: 16384, netPackets: 1 });
   });
 });

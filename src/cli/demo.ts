@@ -1,7 +1,19 @@
 import { GuestAllocator } from '../../guest-fixtures/driver/allocator.js';
 import { DmaEngineDriver, type DmaEngineResult } from '../../guest-fixtures/driver/dma-engine-driver.js';
 import { IommuGuestDriver } from '../../guest-fixtures/driver/iommu-driver.js';
-import { encodeAttach, encodeMap, encodeProbe, encodeUnmap, parseProbeProperties, type DecodedFault, type EncodedRequest } from '../../guest-fixtures/driver/iommu-requests.js';
+import {
+  encodeAttach,
+  encodeAttachTable,
+  encodeInvalidate,
+  encodeMap,
+  encodeProbe,
+  encodeUnmap,
+  parseProbeProperties,
+  type DecodedFault,
+  type EncodedRequest,
+} from '../../guest-fixtures/driver/iommu-requests.js';
+import { X86PageTableBuilder, memoryEntryWriter, pagesFromAllocator } from '../../guest-fixtures/pagetable/x86-64-builder.js';
+import { X86_PAGE_4K } from '../pagetable/x86-64.js';
 import { GuestDmaView } from '../../guest-fixtures/driver/dma-view.js';
 import { NetDriver, VIRTIO_NET } from '../../guest-fixtures/driver/net-driver.js';
 import { PciDriverTransport } from '../../guest-fixtures/driver/pci.js';
@@ -23,6 +35,10 @@ const DST_GPA = 0x20_0000;
 const SRC_IOVA = 0x8000_0000n;
 const DST_IOVA = 0x9000_0000n;
 const LENGTH = 0x2000;
+/** Addresses in the guest's process page table (stage 1) and where one of them lands. */
+const PROC_SRC = 0x7f00_0000_0000n;
+const PROC_DST = 0x7f00_0001_0000n;
+const PROC_GPA = 0x60_0000;
 const hex = (v: bigint | number): string => `0x${v.toString(16)}`;
 const REASONS = ['UNKNOWN', 'DOMAIN', 'MAPPING'];
 
@@ -62,9 +78,10 @@ export async function runDemo(options: { json: boolean }): Promise<number> {
     memorySize: MEMORY,
     transport: 'pci',
     endpoints: [
-      { id: ENGINE, kind: 'dma-engine', group: 'card0' },
+      { id: ENGINE, kind: 'dma-engine', group: 'card0', pasidCapable: true, pasidBits: 8 },
       { id: NET, kind: 'virtio-net' },
     ],
+    device: { attachTable: true },
   });
   try {
     const { memory, iommu } = machine;
@@ -175,7 +192,30 @@ export async function runDemo(options: { json: boolean }): Promise<number> {
     story.say(`event queue: ${describeFault(await fault())}`);
 
     story.section('nested translation');
-    story.say('guest-owned stage-1 page tables bound to a PASID (nested HWPT): not in this version of the backend');
+    // The guest builds a process page table in its own memory and binds it to PASID 1.
+    const tables = new X86PageTableBuilder({ allocator: pagesFromAllocator(allocator), write: memoryEntryWriter(memory) });
+    const user = { writable: true, user: true, executable: false };
+    tables.map(PROC_SRC, SRC_GPA, X86_PAGE_4K, { ...user, writable: false });
+    tables.map(PROC_DST, PROC_GPA, X86_PAGE_4K, user);
+    story.say(`guest: built an x86-64 page table at GPA ${hex(tables.root)}: ${hex(PROC_SRC)} -> ${hex(SRC_GPA)} (read-only), ${hex(PROC_DST)} -> ${hex(PROC_GPA)}`);
+    request(`ATTACH_TABLE domain 2, endpoint ${hex(ENGINE)}, PASID 1, root ${hex(tables.root)}`, encodeAttachTable(2, ENGINE, { root: BigInt(tables.root), addrWidth: 48, pasid: 1 }));
+    story.say('backend: hwptAlloc(nested, VT-d stage-1 = the guest table, parent = guest-physical stage 2); deviceAttach(device, PASID 1, nested HWPT)');
+    memory.fill(PROC_GPA, 256, 0);
+    story.say(`engine: copy with PASID 1 ${hex(PROC_SRC)} -> ${hex(PROC_DST)}: ${describeEngine(engine.copy(PROC_SRC, PROC_DST, 256, 1))} (two-stage walk)`);
+    const nestedSame = memory.view(PROC_GPA, 256).every((b, i) => b === memory.view(SRC_GPA, 256)[i]);
+    story.say(`guest: the bytes landed at GPA ${hex(PROC_GPA)}: ${nestedSame ? 'yes' : 'NO'}`);
+    tables.unmap(PROC_DST, X86_PAGE_4K);
+    tables.map(PROC_DST, PROC_GPA + 0x1000, X86_PAGE_4K, user);
+    request(`INVALIDATE domain 2, ${hex(PROC_DST)} (the guest moved that page)`, encodeInvalidate(2, { scope: 'address', address: PROC_DST, pages: 1n, leaf: true }));
+    memory.fill(PROC_GPA + 0x1000, 256, 0);
+    const moved = engine.copy(PROC_SRC, PROC_DST, 256, 1);
+    const movedOk = moved.status === 'DONE' && memory.view(PROC_GPA + 0x1000, 256).every((b, i) => b === memory.view(SRC_GPA, 256)[i]);
+    story.say(`engine: the same copy: ${describeEngine(moved)}; the bytes ${movedOk ? 'landed' : 'did NOT land'} at the new GPA ${hex(PROC_GPA + 0x1000)}`);
+    story.say(`engine: copy with PASID 2, bound to nothing: ${describeEngine(engine.copy(PROC_SRC, PROC_DST, 256, 2))}`);
+    const pasidFault = await fault();
+    const pins = (await iommu.control.stats()).backend;
+    story.say(`backend: stage 2 maps all ${MEMORY >> 20} MiB of guest RAM once; pinned pages ${pins.pinnedPages}, counted ${pins.accountedPages} — the pages domain 1 already pinned are not counted twice`);
+    story.say(`event queue: ${describeFault(pasidFault)}${pasidFault !== undefined && (pasidFault.flags & FaultFlag.PASID) !== 0 ? `, PASID ${pasidFault.pasid}` : ''}`);
 
     const stats = await iommu.control.stats();
     const engineStats = await machine.dmaEngines.get(ENGINE)!.control.stats();
@@ -192,7 +232,7 @@ export async function runDemo(options: { json: boolean }): Promise<number> {
       seconds: Number(((performance.now() - started) / 1000).toFixed(2)),
     };
     story.finish(summary);
-    return same && looped ? 0 : 1;
+    return same && looped && nestedSame && movedOk ? 0 : 1;
   } finally {
     await machine.close();
   }
