@@ -32,11 +32,58 @@ function map1g(ctx: BenchContext): { mapNs: number; unmapNs: number } {
   return { mapNs: median(maps), unmapNs: median(unmaps) };
 }
 
+/**
+ * A 4 KiB map + unmap pair with `live` other 4 KiB mappings in the IOAS: how the backend's cost
+ * grows with the size of the address space it edits.
+ */
+function pairWithLive(ctx: BenchContext, live: number): number {
+  const memory = GuestMemory.create(64 << 20);
+  const host = new IommufdHost(memory, { devices: [{ name: 'dma0', group: 'g0' }] });
+  const context = host.open();
+  const ioas = context.ioasAlloc();
+  context.deviceAttach(context.deviceBind('dma0'), ioas);
+  const flags = IoasMapFlag.FIXED_IOVA | IoasMapFlag.READABLE | IoasMapFlag.WRITEABLE;
+  // Every other page, so each mapping is its own area (no merging into one big area).
+  for (let i = 0; i < live; i++) context.ioasMap(ioas, { gpa: (i % 16384) * 4096, length: 4096n, iova: BigInt(2 * i) * 4096n, flags });
+  const pairs = ctx.quick ? 5000 : 20_000;
+  const base = BigInt(2 * live + 1024) * 4096n;
+  const samples = new Float64Array(5);
+  for (let round = -1; round < samples.length; round++) {
+    const t0 = performance.now();
+    for (let i = 0; i < pairs; i++) {
+      const iova = base + BigInt(i % 64) * 4096n;
+      context.ioasMap(ioas, { gpa: (i % 1024) * 4096, length: 4096n, iova, flags });
+      context.ioasUnmap(ioas, iova, 4096n);
+    }
+    if (round >= 0) samples[round] = ((performance.now() - t0) * 1e6) / pairs;
+  }
+  context.close();
+  return median(samples);
+}
+
 /** Memory and time per mapping as the IOAS grows. */
 export const scale: BenchGroup = {
   name: 'scale',
-  emits: ['scale.bytes_per_mapping', 'scale.pool_bytes_per_mapping', 'scale.map_4k_ns', 'scale.map_1g_ns', 'scale.unmap_1g_ns'],
+  emits: [
+    'scale.bytes_per_mapping',
+    'scale.pool_bytes_per_mapping',
+    'scale.map_4k_ns',
+    'scale.map_1g_ns',
+    'scale.unmap_1g_ns',
+    'scale.map_unmap_pair_ns_1k',
+    'scale.map_unmap_pair_ns_100k',
+    'scale.map_unmap_pair_ns_1m',
+  ],
   async run(ctx) {
+    for (const [live, name] of [
+      [1_000, 'scale.map_unmap_pair_ns_1k'],
+      [100_000, 'scale.map_unmap_pair_ns_100k'],
+      [1_000_000, 'scale.map_unmap_pair_ns_1m'],
+    ] as const) {
+      if (!ctx.wants(name) || (ctx.quick && live > 100_000)) continue;
+      ctx.progress(`map + unmap pairs with ${live} live mappings`);
+      ctx.record(name, pairWithLive(ctx, live));
+    }
     if (ctx.wants('scale.bytes_per_mapping') || ctx.wants('scale.pool_bytes_per_mapping') || ctx.wants('scale.map_4k_ns')) {
       const mapped = await mappedContext(ctx);
       ctx.record('scale.bytes_per_mapping', mapped.bytesPerMapping);
