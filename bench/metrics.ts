@@ -124,7 +124,7 @@ export const REQUIRED_METRICS: readonly MetricSpec[] = [
   { name: 'strict_unmap.rtt_p99_ns', unit: 'ns', implemented: true, what: 'p99 of the same' },
   { name: 'scale.map_unmap_pair_ns_1k', unit: 'ns', implemented: true, what: 'ioasMap + ioasUnmap of one 4 KiB page with 1k other live mappings' },
   { name: 'scale.map_unmap_pair_ns_100k', unit: 'ns', implemented: true, what: 'the same with 100k live mappings', compareTo: 'scale.map_unmap_pair_ns_1k' },
-  { name: 'scale.map_unmap_pair_ns_1m', unit: 'ns', implemented: true, what: 'the same with 1M live mappings (full runs only)', compareTo: 'scale.map_unmap_pair_ns_1k' },
+  { name: 'scale.map_unmap_pair_ns_1m', unit: 'ns', implemented: true, what: 'the same with 1M live mappings', compareTo: 'scale.map_unmap_pair_ns_1k' },
   { name: 'strict_unmap.rtt_ns_w1', unit: 'ns', implemented: true, what: 'strict_unmap.rtt_ns with 1 device worker', compareTo: 'strict_unmap.rtt_ns' },
   { name: 'strict_unmap.rtt_ns_w2', unit: 'ns', implemented: true, what: 'strict_unmap.rtt_ns with 2 device workers', compareTo: 'strict_unmap.rtt_ns' },
   { name: 'viommu.map_unmap_per_s_b1', unit: 'pairs/s', implemented: true, what: 'viommu.map_unmap_per_s with 1 request per notification', compareTo: 'viommu.map_unmap_per_s' },

@@ -80,7 +80,7 @@ export const scale: BenchGroup = {
       [100_000, 'scale.map_unmap_pair_ns_100k'],
       [1_000_000, 'scale.map_unmap_pair_ns_1m'],
     ] as const) {
-      if (!ctx.wants(name) || (ctx.quick && live > 100_000)) continue;
+      if (!ctx.wants(name)) continue;
       ctx.progress(`map + unmap pairs with ${live} live mappings`);
       ctx.record(name, pairWithLive(ctx, live));
     }
