@@ -10,7 +10,7 @@ Usage:
   viommu demo [--json]        run a scripted guest and narrate what happens
   viommu info [--json]        features, config, formats and limits of the emulated IOMMU
   viommu replay [--json] [--record] [--transport mmio|pci] FILE...
-                              replay guest fixtures against the device in its worker
+                              replay guest or backend fixtures
   viommu --help               this text; every command also takes --help
 
 Environment:
@@ -30,9 +30,11 @@ Prints what the emulated IOMMU offers: the virtio-iommu features, config and PRO
 fixture format versions. --json prints one JSON object.`,
   replay: `viommu replay [--json] [--record] [--transport mmio|pci] FILE...
 
-Replays guest fixtures (docs/fixtures.md): for each file a fresh machine, the virtio-iommu in its
-worker behind the transport (default mmio) and one DMA endpoint worker per endpoint, driven by
-the guest driver through the real queues. Prints one line per step and "N passed, N failed".
+Replays fixtures (docs/fixtures.md); each file's "format" says which kind. A guest fixture runs on
+a fresh machine: the virtio-iommu in its worker behind the transport (default mmio) and one DMA
+endpoint worker per endpoint, driven by the guest driver through the real queues. A backend
+fixture drives the iommufd-style backend directly, translations in a consumer worker. Prints one
+line per step and "N passed, N failed".
   --json       one JSON object per file instead
   --record     write each file back with every expectation replaced by what was observed
 Exit code: 0 when every step of every file matched, 1 otherwise, 2 for a bad command line.`,
