@@ -230,6 +230,31 @@ describe('radix page table: unmap, generation and reclaim', () => {
     expect(pool.stats().tablesInUse).toBe(1); // the header page
   });
 
+  it('tables emptied by unmap skip zeroing: a radix table reuses them as they are, any other caller gets them zeroed', () => {
+    const { pool, table } = fresh();
+    mapChecked(pool, table, 0x12345, 1, 7, RW, false);
+    const inUse = pool.stats().tablesInUse;
+    table.unmap(0x12345, 0x12345);
+    expect(pool.reclaim()).toBe(3);
+    expect(pool.stats().tablesInUse).toBe(inUse - 3);
+    // The emptied level-0 table still holds the leaf's frame word (its flags were cleared).
+    const words = pool.words;
+    const stale = (t: number): boolean => {
+      for (let w = t * 1024; w < (t + 1) * 1024; w += 2) if (words[w] !== 0) throw new Error(`table ${t} has a nonzero flags word`);
+      for (let w = t * 1024 + 1; w < (t + 1) * 1024; w += 2) if (words[w] !== 0) return true;
+      return false;
+    };
+    const plain = [pool.alloc(), pool.alloc(), pool.alloc()];
+    // Callers that need zeroed memory (PASID directories, stage-1 records) get zeroed tables.
+    for (const t of plain) expect(stale(t)).toBe(false);
+    for (const t of plain) pool.release(t);
+    pool.reclaim();
+    // And a radix table rebuilt over reused tables translates exactly what it maps.
+    mapChecked(pool, table, 0x12345, 1, 9, RW, false);
+    expect(remoteWalk(pool.buffer, table.header, 0x12345)!.guestPfn).toBe(9);
+    expect(remoteWalk(pool.buffer, table.header, 0x12346)).toBeUndefined();
+  });
+
   it('reports when the pool maximum would be exceeded, before anything changes', () => {
     const { pool, table } = fresh(8);
     const need = table.tablesForMap(0, 12 * 512, 0, false);

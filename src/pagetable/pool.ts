@@ -55,7 +55,11 @@ export class TablePool {
   private highWater = 1;
   private readonly freeList: number[] = [];
   private readonly pendingTables: number[] = [];
+  /** Freed tables whose flag words are all zero already (see release()). */
+  private readonly pendingClean: number[] = [];
   private readonly freeHeaders: number[] = [];
+  /** 1: a free table whose frame words may be stale (freed flags-clear, not zeroed). */
+  private staleFrames: Uint8Array;
   private readonly pendingHeaders: number[] = [];
   /**
    * Owner-side bookkeeping per table: entries present, entries that are "full" (a leaf, or a child
@@ -77,6 +81,7 @@ export class TablePool {
     this.capacity = initial;
     this.buffer = new SharedArrayBuffer(initial * TABLE_BYTES, { maxByteLength: maxTables * TABLE_BYTES });
     this.view = new Int32Array(this.buffer, 0, this.buffer.byteLength >>> 2);
+    this.staleFrames = new Uint8Array(initial);
     this.present = new Uint16Array(initial);
     this.full = new Uint16Array(initial);
     this.lo = new Uint16Array(initial);
@@ -121,6 +126,9 @@ export class TablePool {
       next.set(old);
       return next;
     };
+    const stale = new Uint8Array(target);
+    stale.set(this.staleFrames);
+    this.staleFrames = stale;
     this.present = widen(this.present);
     this.full = widen(this.full);
     this.lo = widen(this.lo);
@@ -129,11 +137,17 @@ export class TablePool {
   }
 
   /**
-   * A zeroed table. Callers ensure() first; alloc() never grows the buffer, so views taken after
-   * ensure() stay valid through an operation. Running out here is a bug in the caller.
+   * A table whose words are all zero. Callers ensure() first; alloc() never grows the buffer, so
+   * views taken after ensure() stay valid through an operation; running out is a caller's bug. With `flagsOnly`, a table whose flag words are zero but whose
+   * frame words may still hold stale values (a radix table: entries are read only when present),
+   * which spares zeroing the tables that unmaps emptied.
    */
-  alloc(): number {
+  alloc(options?: { readonly flagsOnly?: boolean }): number {
     let table = this.freeList.pop();
+    if (table !== undefined && this.staleFrames[table] === 1) {
+      this.staleFrames[table] = 0;
+      if (options?.flagsOnly !== true) this.words.fill(0, table * TABLE_WORDS, (table + 1) * TABLE_WORDS);
+    }
     if (table === undefined) {
       if (this.highWater >= this.capacity) throw new Error('table pool alloc() without ensure()');
       table = this.highWater++;
@@ -180,9 +194,13 @@ export class TablePool {
     }
   }
 
-  /** Frees a table once readers are quiescent (see reclaim()). */
-  release(table: number): void {
-    this.pendingTables.push(table);
+  /**
+   * Frees a table once readers are quiescent (see reclaim()). `flagsClear`: every entry's flags
+   * word is already zero (the caller cleared them one by one, as unmap does), so reclaim need not
+   * zero the table; its frame words are zeroed only if a caller other than a radix table gets it.
+   */
+  release(table: number, flagsClear = false): void {
+    (flagsClear ? this.pendingClean : this.pendingTables).push(table);
     this.inUse--;
   }
 
@@ -211,7 +229,7 @@ export class TablePool {
    * taken before the frees (after worker quiescence). Returns the number of tables reclaimed.
    */
   reclaim(): number {
-    const n = this.pendingTables.length;
+    const n = this.pendingTables.length + this.pendingClean.length;
     for (const table of this.pendingTables) {
       this.words.fill(0, table * TABLE_WORDS, (table + 1) * TABLE_WORDS);
       this.present[table] = 0;
@@ -221,6 +239,16 @@ export class TablePool {
       this.freeList.push(table);
     }
     this.pendingTables.length = 0;
+    // Zeroing a table on shared memory is element by element in V8: the flags-clear ones skip it.
+    for (const table of this.pendingClean) {
+      this.staleFrames[table] = 1;
+      this.present[table] = 0;
+      this.full[table] = 0;
+      this.lo[table] = 0;
+      this.hi[table] = 0;
+      this.freeList.push(table);
+    }
+    this.pendingClean.length = 0;
     for (const slot of this.pendingHeaders) {
       this.words.fill(0, slot, slot + HeaderSlot.WORDS);
       this.freeHeaders.push(slot);
@@ -232,7 +260,7 @@ export class TablePool {
   stats(): TablePoolStats {
     return {
       tablesInUse: this.inUse,
-      pendingFree: this.pendingTables.length,
+      pendingFree: this.pendingTables.length + this.pendingClean.length,
       freeTables: this.freeList.length,
       bytes: this.buffer.byteLength,
     };

@@ -151,7 +151,7 @@ export class IoPageTable {
 
   private growTo(levels: number): void {
     while (this.levels < levels) {
-      const next = this.pool.alloc();
+      const next = this.pool.alloc({ flagsOnly: true });
       this.owned++;
       const old = this.root;
       if (this.pool.present[old] === 0) {
@@ -210,7 +210,7 @@ export class IoPageTable {
         if (!wasFull && pool.full[child] === ENTRIES_PER_TABLE) pool.full[table]!++;
       } else {
         // Fill the new table before linking it, so a reader never sees it half built.
-        const child = pool.alloc();
+        const child = pool.alloc({ flagsOnly: true });
         this.owned++;
         this.mapIn(child, level - 1, childBase, cs, ce, areaStart, areaGuest, leafFlags, hugeLevel);
         words[w + FRAME] = child;
@@ -278,7 +278,8 @@ export class IoPageTable {
         // zeroed frame would send it into pool page 0, which is not a table.
         Atomics.store(words, w + FLAGS, 0);
         pool.markClear(table, idx);
-        pool.release(child);
+        // Every entry of the child was cleared on the way: its flag words are all zero.
+        pool.release(child, true);
         this.owned--;
       }
     }
