@@ -1,7 +1,13 @@
 import { describe, expect, it } from 'vitest';
 import type { EndpointFault } from '../src/iommu/device.js';
-import { FaultFlag, FaultReason } from '../src/iommu/layout.js';
-import { LocalIommuMachine } from '../src/replay/local-machine.js';
+import { GuestAllocator } from '../guest-fixtures/driver/allocator.js';
+import { IommuGuestDriver } from '../guest-fixtures/driver/iommu-driver.js';
+import { encodeAttach, encodeMap } from '../guest-fixtures/driver/iommu-requests.js';
+import { MmioDriverTransport } from '../guest-fixtures/driver/mmio.js';
+import { FaultFlag, FaultReason, MapFlag, Status } from '../src/iommu/layout.js';
+import { LocalIommuMachine, driverArena } from '../src/replay/local-machine.js';
+import type { MmioBus } from '../src/virtio/bus.js';
+import { IommuMachine } from '../src/vmm/iommu-machine.js';
 
 // The event queue when the guest is slow to give buffers back: records wait in a bounded list,
 // oldest first; repeats of a waiting record are counted, not queued; beyond the bound the newest
@@ -32,5 +38,34 @@ describe('fault records while the event queue is full', () => {
     // Once delivered, the same fault is reported again.
     m.device.reportFault(fault(20));
     expect(m.driver.takeFault()?.address).toBe(20n * 0x1000n);
+  });
+});
+
+describe('bounded passes over the request queue', () => {
+  it('serves a batch larger than one pass completely, in order, in several passes', async () => {
+    const machine = await IommuMachine.create({ memorySize: 32 << 20, transport: 'mmio', endpoints: [EP], device: { maxRequestsPerPass: 64 } });
+    try {
+      const arena = driverArena(32 << 20);
+      const driver = IommuGuestDriver.open({
+        transport: new MmioDriverTransport(machine.iommu.bus as MmioBus),
+        memory: machine.memory,
+        allocator: new GuestAllocator(arena.base, arena.size),
+        interrupts: machine.iommu.interrupts,
+        queueSize: 1024,
+      });
+      expect(driver.request(encodeAttach(1, EP)).status).toBe(Status.OK);
+      // 400 MAPs behind one notification; every tenth overlaps the one before it: INVAL, in order.
+      const requests = Array.from({ length: 400 }, (_, i) => {
+        const page = i % 10 === 9 ? i - 1 : i;
+        const iova = 0x4000_0000n + BigInt(page) * 0x1000n;
+        return encodeMap(1, iova, iova + 0xfffn, BigInt(i % 1024) * 0x1000n, MapFlag.READ);
+      });
+      const results = driver.batch(requests, 20_000);
+      expect(results.map((r) => r.status)).toEqual(requests.map((_, i) => (i % 10 === 9 ? Status.INVAL : Status.OK)));
+      const stats = await machine.iommu.control.stats();
+      expect(stats.device.deferredPasses).toBeGreaterThanOrEqual(400 / 64 - 1);
+    } finally {
+      await machine.close();
+    }
   });
 });

@@ -63,6 +63,12 @@ export interface VirtioIommuOptions {
   readonly attachTable?: boolean;
   /** Device-specific features to offer (default: all but legacy BYPASS and ATTACH_TABLE). */
   readonly features?: readonly IommuFeatureName[];
+  /**
+   * Requests served per pass over the request queue (default: no bound); the rest wait for the next
+   * pass (continueRequests(), which the host's loop calls), so a flooding guest cannot monopolise
+   * the worker. The iommu worker sets 256.
+   */
+  readonly maxRequestsPerPass?: number;
   /** Most domains that may exist at once (ATTACH beyond it gets NOMEM). Default 65536. */
   readonly maxDomains?: number;
   /** Fault records kept while the guest posts no event buffers (the oldest; newer ones are counted and dropped, repeats coalesced). Default 256. */
@@ -118,6 +124,8 @@ export interface VirtioIommuStats {
   readonly faultsDropped: number;
   /** Faults identical to a record already waiting, counted instead of queued. */
   readonly faultsCoalesced: number;
+  /** Passes over the request queue that stopped at maxRequestsPerPass with requests left. */
+  readonly deferredPasses: number;
 }
 
 /** Outcome of one request: a status to write in the tail, or NONE (buffer returned unwritten). */
@@ -156,7 +164,10 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
   private readonly pendingFaults: EndpointFault[] = [];
   /** faultKey() of every pending record, for coalescing. */
   private readonly pendingKeys = new Set<string>();
-  private readonly counters = { requests: 0, unparsable: 0, faultsReported: 0, faultsDropped: 0, faultsCoalesced: 0 };
+  private readonly counters = { requests: 0, unparsable: 0, faultsReported: 0, faultsDropped: 0, faultsCoalesced: 0, deferredPasses: 0 };
+  /** A pass stopped at maxRequestsPerPass with requests left on the queue. */
+  private requestsPending = false;
+  private readonly maxRequestsPerPass: number;
   private readonly byStatus = new Map<string, number>();
 
   constructor(
@@ -173,6 +184,8 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
     this.probeSize = options.probeSize ?? 512;
     this.maxDomains = options.maxDomains ?? 65536;
     this.maxPendingFaults = options.maxPendingFaults ?? 256;
+    this.maxRequestsPerPass = options.maxRequestsPerPass ?? Number.POSITIVE_INFINITY;
+    if (!(this.maxRequestsPerPass >= 1)) throw new RangeError('maxRequestsPerPass must be at least 1');
     this.bootBypass = options.bootBypass ?? true;
     this.bypass = this.bootBypass;
     const names: readonly IommuFeatureName[] = options.features ?? [
@@ -242,6 +255,7 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
     // virtio 1.2 §5.13.5: when the device is reset, endpoints are not attached to any domain.
     for (const domain of [...this.domains.values()]) this.destroyDomain(domain);
     this.attachedTo.clear();
+    this.requestsPending = false;
     this.env = undefined;
     this.negotiated = 0n;
     // `bypass` SHOULD NOT change on device reset (§5.13.4.2); only a system reset restores it.
@@ -344,8 +358,17 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
   private serveRequests(env: DeviceEnvironment): void {
     const queue = env.queues[IommuQueue.REQUEST];
     if (queue === undefined) return;
+    this.requestsPending = false;
     let served = 0;
     for (;;) {
+      if (served === this.maxRequestsPerPass) {
+        // A guest that keeps the queue full gets its requests served in bounded passes: the rest
+        // wait for continueRequests(), so fault delivery, register accesses and the control plane
+        // of this worker get their turn in between.
+        this.requestsPending = true;
+        this.counters.deferredPasses++;
+        break;
+      }
       const chain = queue.pop();
       if (chain === null) {
         if (!queue.enableNotifications()) break;
@@ -361,6 +384,14 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
     if (served > 0) {
       this.flushAndNotify(env, queue);
     }
+  }
+
+  /** Serves the next bounded pass of requests left over from a full pass; true if it did any work. */
+  continueRequests(): boolean {
+    const env = this.env;
+    if (!this.requestsPending || env === undefined) return false;
+    this.serveRequests(env);
+    return true;
   }
 
   private flushAndNotify(env: DeviceEnvironment, queue: SplitQueue): void {
@@ -909,6 +940,7 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
       faultsPending: this.pendingFaults.length,
       faultsDropped: this.counters.faultsDropped,
       faultsCoalesced: this.counters.faultsCoalesced,
+      deferredPasses: this.counters.deferredPasses,
     };
   }
 }

@@ -46,7 +46,7 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
   const endpointOfRow = new Map<number, number>();
   for (const ep of start.endpoints) endpointOfRow.set(context.deviceRow(backend.deviceId(ep.id)!), ep.id);
 
-  const device = new VirtioIommuDevice(backend, { ...start.device, endpoints: start.endpoints.map((ep) => ep.id), log });
+  const device = new VirtioIommuDevice(backend, { maxRequestsPerPass: 256, ...start.device, endpoints: start.endpoints.map((ep) => ep.id), log });
   const irq = new SignalInterruptLine(signals);
   const transport =
     start.transport === 'mmio' ? new MmioTransport(device, memory, { irq, log }) : new PciTransport(device, memory, { irq, log });
@@ -72,7 +72,8 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
       });
     }, 256);
 
-  const target = { ...transportTarget(transport, log), poll: () => drainFaults() > 0 };
+  // Between passes of the runner: fault records to deliver, and requests left by a bounded pass.
+  const target = { ...transportTarget(transport, log), poll: () => (drainFaults() > 0) || device.continueRequests() };
   const runner = new DeviceRunner(start.signals, target, {
     log,
     ...(start.maxSpinMicros !== undefined ? { maxSpinMicros: start.maxSpinMicros } : {}),
