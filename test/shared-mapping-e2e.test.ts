@@ -11,7 +11,7 @@ import { DEFAULT_MAC, type VirtioNetStats } from '../src/devices/virtio-net.js';
 import { FaultFlag, FaultReason, MapFlag, Status } from '../src/iommu/layout.js';
 import { driverArena } from '../src/replay/local-machine.js';
 import type { MmioBus, PciBus } from '../src/virtio/bus.js';
-import { IommuMachine } from '../src/vmm/iommu-machine.js';
+import { endpointDeviceName, IommuMachine } from '../src/vmm/iommu-machine.js';
 
 // The seed's point, end to end: a VFIO-style DMA engine and a vDPA-style virtio-net device, each
 // in its own worker, attached to one domain by the guest's virtio-iommu driver. One MAP makes a
@@ -100,6 +100,15 @@ describe('one mapping shared by a DMA engine and a virtio-net device', () => {
     expect(received.kind).toBe('packet');
     if (received.kind === 'packet') expect(received.frame).toEqual(frame);
     net.waitTransmitted(1);
+
+    // The engine is a bound device on the domain's HWPT; the net device is no device at all but an
+    // iommufd access on that HWPT's IOAS: one address space, two kinds of consumer.
+    const ctx = (await machine.iommu.control.inspect()).contexts[0]!;
+    const engineDevice = ctx.devices.find((d) => d.name === endpointDeviceName(ENGINE))!;
+    const hwpt = engineDevice.attachments.find((a) => a.pasid === 0)!.target as number;
+    const ioas = ctx.hwpts.find((h) => h.id === hwpt)!.ioas;
+    expect(ctx.devices.map((d) => d.name)).toEqual([endpointDeviceName(ENGINE)]);
+    expect(ctx.accesses.map((a) => a.ioas)).toEqual([ioas]);
 
     // Every guest page is pinned and counted once: the arena, the shared page, the source page.
     const stats = await machine.iommu.control.stats();

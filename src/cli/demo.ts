@@ -89,7 +89,7 @@ export async function runDemo(options: { json: boolean }): Promise<number> {
     story.say(`guest memory: ${MEMORY >> 20} MiB at GPA 0, one SharedArrayBuffer shared by every worker`);
     story.say('worker 1: virtio-iommu (virtio-pci) and the iommufd-style backend, sole writer of the page tables');
     story.say(`worker 2: DMA engine (VFIO-style), endpoint ${hex(ENGINE)}, walks its HWPT's page tables itself`);
-    story.say(`worker 3: virtio-net (vDPA-style), endpoint ${hex(NET)}, every ring and buffer address an IOVA`);
+    story.say(`worker 3: virtio-net (vDPA-style), endpoint ${hex(NET)}, every ring and buffer address an IOVA, read through an iommufd access`);
     const arena = driverArena(MEMORY);
     const allocator = new GuestAllocator(arena.base, arena.size);
     const guest = IommuGuestDriver.open({
@@ -135,7 +135,7 @@ export async function runDemo(options: { json: boolean }): Promise<number> {
     request(`ATTACH endpoint ${hex(ENGINE)} to domain ${DOMAIN}`, encodeAttach(DOMAIN, ENGINE));
     story.say('backend: ioasAlloc -> IOAS, hwptAlloc(paging) -> HWPT, deviceAttach(device, HWPT)');
     request(`ATTACH endpoint ${hex(NET)} to domain ${DOMAIN}`, encodeAttach(DOMAIN, NET));
-    story.say('backend: deviceAttach(device, the same HWPT): one I/O address space, one page table');
+    story.say("backend: accessCreate(the domain's IOAS) for the net device, a software consumer: one I/O address space, one page table");
     request(
       `MAP ${hex(NET_ARENA.iova)} -> GPA ${hex(NET_ARENA.gpa)} (${NET_ARENA.size >> 10} KiB for the net device's rings and buffers)`,
       encodeMap(DOMAIN, BigInt(NET_ARENA.iova), BigInt(NET_ARENA.iova + NET_ARENA.size - 1), BigInt(NET_ARENA.gpa), MapFlag.READ | MapFlag.WRITE),

@@ -236,6 +236,8 @@ export class Context {
   private readonly deviceTable: DeviceTable;
   private readonly objects = new ObjectTable<AnyObject>();
   private readonly groups = new Map<string, IGroup>();
+  /** Consumer rows (consumerRowAlloc) and the IOAS each points at, if any. */
+  private readonly consumerRows = new Map<number, number | undefined>();
   private rlimitMode = 0;
   private isClosed = false;
   private depth = 0;
@@ -1299,6 +1301,8 @@ export class Context {
         case 'IOAS':
           // iommufd_object_remove: an object others still refer to is -EBUSY.
           if (obj.users > 0) throw new IommufdError('EBUSY', `IOAS ${obj.id} is used by ${obj.hwpts.size} HWPTs and ${obj.accesses.size} accesses`, 'id');
+          // A consumer row still translating through it keeps it too.
+          if ([...this.consumerRows.values()].includes(obj.id)) throw new IommufdError('EBUSY', `IOAS ${obj.id} is used by a consumer row`, 'id');
           obj.destroy();
           this.objects.remove(obj.id);
           return;
@@ -1323,6 +1327,8 @@ export class Context {
     this.depth++;
     try {
       for (const obj of this.objects.list()) if (obj.type === 'ACCESS') this.destroyAccess(obj);
+      for (const row of this.consumerRows.keys()) this.deviceTable.release(row);
+      this.consumerRows.clear();
       for (const obj of this.objects.list()) if (obj.type === 'DEVICE') this.unbind(obj);
       for (const obj of this.objects.list()) if (obj.type === 'HWPT_NESTED') this.removeNested(obj);
       for (const obj of this.objects.list()) if (obj.type === 'HWPT_PAGING') this.removeHwpt(obj);
@@ -1350,6 +1356,46 @@ export class Context {
   /** The shared buffers device workers map to translate without the owner. */
   describeShared(): SharedTranslation {
     return { pool: this.pool.describe(), devices: this.deviceTable.describe(), memory: this.host.memory.describe() };
+  }
+
+  /**
+   * A device-table row for a software consumer that runs in another thread (emulator extension).
+   * In the kernel an iommufd_access reads its IOAS directly; a consumer in a worker needs a row it
+   * can translate through, pointing at the IOAS its access is attached to. Starts blocked; the
+   * owner points it with consumerRowSet() and frees it with consumerRowFree().
+   */
+  consumerRowAlloc(): number {
+    return this.run('consumerRowAlloc', () => {
+      const row = this.deviceTable.alloc(0, 0);
+      this.consumerRows.set(row, undefined);
+      return row;
+    });
+  }
+
+  /**
+   * Points a consumer row at an IOAS's table, identity translation, or nothing. Strict like an
+   * unmap: when it returns, no worker uses the row's previous translation.
+   */
+  consumerRowSet(row: number, target: { readonly ioas: number } | 'identity' | 'blocked'): void {
+    this.runNarrowing('consumerRowSet', false, () => {
+      if (!this.consumerRows.has(row)) throw new IommufdError('ENOENT', `row ${String(row)} is not a consumer row`, 'row');
+      if (target === 'identity' || target === 'blocked') {
+        this.deviceTable.write(row, target === 'identity' ? AttachKind.IDENTITY : AttachKind.BLOCKED, 0, 0, false);
+        this.consumerRows.set(row, undefined);
+        return;
+      }
+      const ioas = this.getIoas(target.ioas);
+      this.deviceTable.write(row, AttachKind.PAGING, ioas.table.header, 0, false);
+      this.consumerRows.set(row, ioas.id);
+    });
+  }
+
+  consumerRowFree(row: number): void {
+    this.runNarrowing('consumerRowFree', false, () => {
+      if (!this.consumerRows.has(row)) throw new IommufdError('ENOENT', `row ${String(row)} is not a consumer row`, 'row');
+      this.consumerRows.delete(row);
+      this.deviceTable.release(row);
+    });
   }
 
   /** The device-table row of a bound device, for device workers. */

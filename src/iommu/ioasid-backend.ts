@@ -13,6 +13,25 @@ export interface EndpointBinding {
   readonly reservedRegions: readonly (readonly [bigint, bigint])[];
   /** Its isolation group as declared on the host (default: a group of its own). */
   readonly group?: number | string;
+  /**
+   * What consumes its DMA: a bound device (VFIO-style: it walks the HWPT of the domain it is
+   * attached to), or a software consumer (vDPA-style: an iommufd access on the domain's IOAS,
+   * read by its worker through a consumer row). Default 'device'.
+   */
+  readonly consumer?: 'device' | 'access';
+}
+
+/** A software consumer endpoint: its row, and the access it holds on the current domain's IOAS. */
+interface AccessEndpoint {
+  readonly row: number;
+  access: number | undefined;
+  ioas: number | undefined;
+}
+
+/** A domain as this backend keeps it: the HWPT is made when the first bound device attaches. */
+interface DomainHandle {
+  readonly ioas: number;
+  hwpt: number;
 }
 
 /**
@@ -22,6 +41,7 @@ export interface EndpointBinding {
  */
 export class IoasidIommuBackend implements IommuBackend {
   private readonly devIds = new Map<number, number>();
+  private readonly accessEps = new Map<number, AccessEndpoint>();
   private readonly reserved = new Map<number, readonly ReservedRegion[]>();
   private readonly siblings = new Map<number, readonly number[]>();
   /** Endpoints whose device is gone (its worker died): nothing of theirs reaches the backend. */
@@ -45,7 +65,8 @@ export class IoasidIommuBackend implements IommuBackend {
       this.siblings.set(ep.endpoint, mates);
     }
     for (const ep of endpoints) {
-      this.devIds.set(ep.endpoint, context.deviceBind(ep.device));
+      if (ep.consumer === 'access') this.accessEps.set(ep.endpoint, { row: context.consumerRowAlloc(), access: undefined, ioas: undefined });
+      else this.devIds.set(ep.endpoint, context.deviceBind(ep.device));
       this.reserved.set(
         ep.endpoint,
         ep.reservedRegions.map(([start, end]) => ({
@@ -58,9 +79,21 @@ export class IoasidIommuBackend implements IommuBackend {
     }
   }
 
-  /** Backend device ID of an endpoint (for consumers that attach their translators). */
+  /** Backend device ID of an endpoint bound as a device (undefined for a software consumer). */
   deviceId(endpoint: number): number | undefined {
     return this.devIds.get(endpoint);
+  }
+
+  /** The device-table row the endpoint's worker translates through: its device's or its consumer row. */
+  translationRow(endpoint: number): number | undefined {
+    const dev = this.devIds.get(endpoint);
+    if (dev !== undefined) return this.context.deviceRow(dev);
+    return this.accessEps.get(endpoint)?.row;
+  }
+
+  /** The iommufd access a software-consumer endpoint holds now, if attached to a domain. */
+  accessOf(endpoint: number): number | undefined {
+    return this.accessEps.get(endpoint)?.access;
   }
 
   groupSiblings(endpoint: number): readonly number[] {
@@ -73,37 +106,82 @@ export class IoasidIommuBackend implements IommuBackend {
 
   createPagingDomain(endpoint: number): PagingDomainHandle | Errno {
     const dev = this.devIds.get(endpoint);
-    if (dev === undefined) return 'ENODEV';
+    if (dev === undefined && !this.accessEps.has(endpoint)) return 'ENODEV';
     let ioas: number | undefined;
     try {
       ioas = this.context.ioasAlloc();
-      // A device with PASIDs may later get PASID attachments next to this RID domain; iommufd
-      // requires the RID's HWPT to be allocated PASID-capable for that (iommufd_hwpt_pasid_compat).
-      const flags = this.context.getHwInfo(dev).maxPasidLog2 > 0 ? HwptAllocFlag.PASID : 0;
-      const hwpt = this.context.hwptAlloc(dev, ioas, { flags });
-      return { ioas, hwpt };
+      // A software consumer needs only the IOAS; a bound device also a HWPT (made here, or when
+      // the first device joins a domain a software consumer created).
+      const handle: DomainHandle = { ioas, hwpt: dev !== undefined ? this.hwptFor(dev, ioas) : 0 };
+      return handle;
     } catch (err) {
       if (ioas !== undefined) this.quietly(() => this.context.destroy(ioas!));
       return this.errno(err, 'createPagingDomain');
     }
   }
 
+  /**
+   * A paging HWPT of `ioas` for `dev`. A device with PASIDs may later get PASID attachments next to
+   * this RID domain; iommufd requires the RID's HWPT to be PASID-capable for that.
+   */
+  private hwptFor(dev: number, ioas: number): number {
+    const flags = this.context.getHwInfo(dev).maxPasidLog2 > 0 ? HwptAllocFlag.PASID : 0;
+    return this.context.hwptAlloc(dev, ioas, { flags });
+  }
+
   destroyPagingDomain(domain: PagingDomainHandle): void {
     // Endpoints were moved off the HWPT first; destroying the IOAS drops its areas and pins.
-    this.quietly(() => this.context.destroy(domain.hwpt));
+    if (domain.hwpt !== 0) this.quietly(() => this.context.destroy(domain.hwpt));
     this.quietly(() => this.context.destroy(domain.ioas));
   }
 
   attachPaging(endpoint: number, domain: PagingDomainHandle): Errno | undefined {
-    return this.call(endpoint, (dev) => void this.context.deviceAttach(dev, domain.hwpt));
+    const consumer = this.accessEps.get(endpoint);
+    if (consumer !== undefined) return this.accessTo(endpoint, consumer, domain.ioas);
+    return this.call(endpoint, (dev) => {
+      const handle = domain as DomainHandle;
+      if (handle.hwpt === 0) handle.hwpt = this.hwptFor(dev, handle.ioas);
+      this.context.deviceAttach(dev, handle.hwpt);
+    });
   }
 
   attachIdentity(endpoint: number): Errno | undefined {
+    const consumer = this.accessEps.get(endpoint);
+    if (consumer !== undefined) return this.accessTo(endpoint, consumer, 'identity');
     return this.call(endpoint, (dev) => this.context.deviceSetBypass(dev));
   }
 
   attachBlocked(endpoint: number): Errno | undefined {
+    const consumer = this.accessEps.get(endpoint);
+    if (consumer !== undefined) return this.accessTo(endpoint, consumer, 'blocked');
     return this.call(endpoint, (dev) => this.context.deviceDetach(dev));
+  }
+
+  /**
+   * Moves a software consumer: its row first (strict: when this returns no worker uses the old
+   * translation), then its access — a new one on the domain's IOAS, the old one destroyed, as a
+   * vDPA device's access follows the domain. The access pins nothing (the worker translates
+   * through the row under the quiescence protocol), so its unmap callback has nothing to drop.
+   */
+  private accessTo(endpoint: number, consumer: AccessEndpoint, target: number | 'identity' | 'blocked'): Errno | undefined {
+    if (this.gone.has(endpoint)) return undefined;
+    if (typeof target === 'number' && consumer.ioas === target) return undefined;
+    try {
+      const access = typeof target === 'number' ? this.context.accessCreate(target, { onUnmap: () => undefined }) : undefined;
+      try {
+        this.context.consumerRowSet(consumer.row, typeof target === 'number' ? { ioas: target } : target);
+      } catch (err) {
+        if (access !== undefined) this.quietly(() => this.context.accessDestroy(access));
+        throw err;
+      }
+      const old = consumer.access;
+      consumer.access = access;
+      consumer.ioas = typeof target === 'number' ? target : undefined;
+      if (old !== undefined) this.quietly(() => this.context.accessDestroy(old));
+      return undefined;
+    } catch (err) {
+      return this.errno(err, 'access');
+    }
   }
 
   map(domain: PagingDomainHandle, iova: bigint, length: bigint, gpa: number, read: boolean, write: boolean): Errno | undefined {
@@ -138,6 +216,12 @@ export class IoasidIommuBackend implements IommuBackend {
    * domain bookkeeping (and the other endpoints) carry on as if it were merely quiet.
    */
   markGone(endpoint: number): Errno | undefined {
+    const consumer = this.accessEps.get(endpoint);
+    if (consumer !== undefined) {
+      const errno = this.accessTo(endpoint, consumer, 'blocked');
+      this.gone.add(endpoint);
+      return errno;
+    }
     const dev = this.devIds.get(endpoint);
     if (dev === undefined) return 'ENODEV';
     this.gone.add(endpoint);

@@ -24,7 +24,7 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
   const signals = new Int32Array(start.signals);
   const memory = GuestMemory.fromDescriptor(start.memory);
   const host = new IommufdHost(memory, {
-    devices: start.endpoints.map((ep) => ({
+    devices: start.endpoints.filter((ep) => ep.consumer !== 'access').map((ep) => ({
       name: ep.device,
       group: ep.group,
       reservedRegions: ep.reservedRegions,
@@ -39,12 +39,18 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
   });
   const backend = new IoasidIommuBackend(
     context,
-    start.endpoints.map((ep) => ({ endpoint: ep.id, device: ep.device, reservedRegions: ep.reservedRegions, group: ep.group })),
+    start.endpoints.map((ep) => ({
+      endpoint: ep.id,
+      device: ep.device,
+      reservedRegions: ep.reservedRegions,
+      group: ep.group,
+      ...(ep.consumer !== undefined ? { consumer: ep.consumer } : {}),
+    })),
     log,
     start.memory.regions.map((r) => ({ base: r.base, size: r.buffer.byteLength })),
   );
   const endpointOfRow = new Map<number, number>();
-  for (const ep of start.endpoints) endpointOfRow.set(context.deviceRow(backend.deviceId(ep.id)!), ep.id);
+  for (const ep of start.endpoints) endpointOfRow.set(backend.translationRow(ep.id)!, ep.id);
 
   const device = new VirtioIommuDevice(backend, { maxRequestsPerPass: 256, ...start.device, endpoints: start.endpoints.map((ep) => ep.id), log });
   const irq = new SignalInterruptLine(signals);
@@ -106,9 +112,9 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
       return total;
     },
     endpointTranslation(endpoint: number): EndpointTranslation {
-      const dev = backend.deviceId(endpoint);
-      if (dev === undefined) throw new RangeError(`endpoint ${endpoint} does not exist`);
-      return { endpoint, shared: context.describeShared(), row: context.deviceRow(dev) };
+      const row = backend.translationRow(endpoint);
+      if (row === undefined) throw new RangeError(`endpoint ${endpoint} does not exist`);
+      return { endpoint, shared: context.describeShared(), row };
     },
     consumerGone(endpoint: number): void {
       const errno = backend.markGone(endpoint);

@@ -14,6 +14,8 @@ export interface EndpointSpec {
   /** Reserved IOVA ranges [start, last] (e.g. the x86 MSI window). */
   readonly reservedRegions: readonly (readonly [bigint, bigint])[];
   readonly pasidBits?: number;
+  /** 'access': a software consumer (no bound device; an iommufd access on its domain's IOAS). */
+  readonly consumer?: 'device' | 'access';
 }
 
 /** The one start message of the iommu worker. */

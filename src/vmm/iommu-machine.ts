@@ -55,7 +55,7 @@ export function endpointDeviceName(endpoint: number): string {
 }
 
 function endpointSpec(decl: EndpointDeclaration): EndpointSpec {
-  const d: Partial<Omit<EndpointSpec, 'id'>> & { readonly id: number } = typeof decl === 'number' ? { id: decl } : decl;
+  const d: Partial<Omit<EndpointSpec, 'id'>> & { readonly id: number; readonly kind?: EndpointKind } = typeof decl === 'number' ? { id: decl } : decl;
   if (!Number.isInteger(d.id) || d.id < 0 || d.id > 0xffff_ffff) throw new RangeError(`endpoint ID must be a u32, got ${String(d.id)}`);
   return {
     id: d.id,
@@ -64,6 +64,8 @@ function endpointSpec(decl: EndpointDeclaration): EndpointSpec {
     group: d.group ?? `group-${d.id}`,
     reservedRegions: d.reservedRegions ?? [X86_MSI_WINDOW],
     ...(d.pasidBits !== undefined ? { pasidBits: d.pasidBits } : {}),
+    // The vDPA-style device consumes DMA as software: an iommufd access, not a bound device.
+    ...(d.kind === 'virtio-net' ? { consumer: 'access' as const } : {}),
   };
 }
 
