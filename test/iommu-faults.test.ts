@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import type { EndpointFault } from '../src/iommu/device.js';
 import { GuestAllocator } from '../guest-fixtures/driver/allocator.js';
 import { IommuGuestDriver } from '../guest-fixtures/driver/iommu-driver.js';
-import { encodeAttach, encodeMap } from '../guest-fixtures/driver/iommu-requests.js';
+import { encodeAttach, encodeMap, encodeUnmap } from '../guest-fixtures/driver/iommu-requests.js';
 import { MmioDriverTransport } from '../guest-fixtures/driver/mmio.js';
 import { FaultFlag, FaultReason, MapFlag, Status } from '../src/iommu/layout.js';
 import { LocalIommuMachine, driverArena } from '../src/replay/local-machine.js';
@@ -67,5 +67,24 @@ describe('bounded passes over the request queue', () => {
     } finally {
       await machine.close();
     }
+  });
+});
+
+describe('per-domain mapping limit', () => {
+  it('refuses a MAP beyond the bound with NOMEM and nothing mapped, and frees room on UNMAP', () => {
+    const m = new LocalIommuMachine({ memorySize: 16 << 20, endpoints: [EP], driverFeatures: ['MAP_UNMAP'], device: { maxMappingsPerDomain: 3 } });
+    const status = (req: ReturnType<typeof encodeMap>) => m.driver.request(req).status;
+    expect(status(encodeAttach(1, EP))).toBe(Status.OK);
+    const map = (i: number) => encodeMap(1, 0x4000_0000n + BigInt(i) * 0x1000n, 0x4000_0fffn + BigInt(i) * 0x1000n, BigInt(i) * 0x1000n, MapFlag.READ);
+    expect([0, 1, 2].map((i) => status(map(i)))).toEqual([Status.OK, Status.OK, Status.OK]);
+    expect(status(map(3))).toBe(Status.NOMEM);
+    expect(m.host.inspect().contexts[0]!.ioas[0]!.areas).toHaveLength(3);
+    expect(status(encodeUnmap(1, 0x4000_0000n, 0x4000_1fffn))).toBe(Status.OK);
+    expect([3, 4].map((i) => status(map(i)))).toEqual([Status.OK, Status.OK]);
+    expect(status(map(5))).toBe(Status.NOMEM);
+  });
+
+  it('checks its queue-size option', () => {
+    expect(() => new LocalIommuMachine({ memorySize: 16 << 20, endpoints: [EP], driverFeatures: [], device: { requestQueueSize: 1000 } })).toThrow(/power of two/);
   });
 });

@@ -69,6 +69,10 @@ export interface VirtioIommuOptions {
    * the worker. The iommu worker sets 256.
    */
   readonly maxRequestsPerPass?: number;
+  /** Most live mappings per domain (MAP beyond it gets NOMEM). Default: no bound but memory. */
+  readonly maxMappingsPerDomain?: number;
+  /** Largest request queue the driver may set up (bounds requests in flight). Default 1024. */
+  readonly requestQueueSize?: number;
   /** Most domains that may exist at once (ATTACH beyond it gets NOMEM). Default 65536. */
   readonly maxDomains?: number;
   /** Fault records kept while the guest posts no event buffers (the oldest; newer ones are counted and dropped, repeats coalesced). Default 256. */
@@ -97,7 +101,14 @@ function faultKey(f: EndpointFault): string {
 
 type Domain =
   | { readonly id: number; readonly kind: 'bypass'; readonly endpoints: Set<number> }
-  | { readonly id: number; readonly kind: 'paging'; readonly handle: PagingDomainHandle; readonly endpoints: Set<number> }
+  | {
+      readonly id: number;
+      readonly kind: 'paging';
+      readonly handle: PagingDomainHandle;
+      readonly endpoints: Set<number>;
+      /** Live mappings (MAP creates one, UNMAP removes whole ones): bounded by maxMappingsPerDomain. */
+      mappings: number;
+    }
   | {
       readonly id: number;
       /** A guest-owned stage-1 table (ATTACH_TABLE extension), nested over guest-physical memory. */
@@ -137,8 +148,8 @@ type Outcome = Status | 'NONE';
  */
 export class VirtioIommuDevice implements VirtioDeviceModel {
   readonly deviceType = IOMMU_DEVICE_TYPE;
-  // A deep request queue lets a guest put a whole batch of MAP/UNMAP behind one notification.
-  readonly queueMaxSizes = [1024, 256] as const;
+  /** Request and event queue maxima; a deep request queue lets a guest batch MAP/UNMAP. */
+  readonly queueMaxSizes: readonly [number, number];
   readonly configSize = IommuConfig.SIZE;
   readonly offeredFeatures: bigint;
 
@@ -168,6 +179,7 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
   /** A pass stopped at maxRequestsPerPass with requests left on the queue. */
   private requestsPending = false;
   private readonly maxRequestsPerPass: number;
+  private readonly maxMappingsPerDomain: number;
   private readonly byStatus = new Map<string, number>();
 
   constructor(
@@ -185,6 +197,14 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
     this.maxDomains = options.maxDomains ?? 65536;
     this.maxPendingFaults = options.maxPendingFaults ?? 256;
     this.maxRequestsPerPass = options.maxRequestsPerPass ?? Number.POSITIVE_INFINITY;
+    this.maxMappingsPerDomain = options.maxMappingsPerDomain ?? Number.POSITIVE_INFINITY;
+    if (!(this.maxMappingsPerDomain >= 0)) throw new RangeError('maxMappingsPerDomain must not be negative');
+    const queueSize = options.requestQueueSize ?? 1024;
+    // virtio 1.2 §2.7: a split queue's size is a power of two up to 32768.
+    if (!Number.isInteger(queueSize) || queueSize < 2 || queueSize > 32768 || (queueSize & (queueSize - 1)) !== 0) {
+      throw new RangeError('requestQueueSize must be a power of two from 2 to 32768');
+    }
+    this.queueMaxSizes = [queueSize, 256];
     if (!(this.maxRequestsPerPass >= 1)) throw new RangeError('maxRequestsPerPass must be at least 1');
     this.bootBypass = options.bootBypass ?? true;
     this.bypass = this.bootBypass;
@@ -532,7 +552,7 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
       } else {
         const handle = this.backend.createPagingDomain(endpoint);
         if (typeof handle === 'string') return errnoToStatus(handle, Status.NOMEM);
-        domain = { id: domainId, kind: 'paging', handle, endpoints: new Set() };
+        domain = { id: domainId, kind: 'paging', handle, endpoints: new Set(), mappings: 0 };
       }
       created = true;
     }
@@ -616,6 +636,11 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
         if (r.start <= virtEnd && virtStart <= r.end) return Status.INVAL;
       }
     }
+    // §5.13.6.3 lists NOMEM among the statuses: the device lacks resources for another mapping.
+    if (domain.mappings >= this.maxMappingsPerDomain) {
+      this.log.warn({ domain: domainId, mappings: domain.mappings }, 'map refused: the domain holds the most mappings allowed');
+      return Status.NOMEM;
+    }
     const errno = this.backend.map(
       domain.handle,
       virtStart,
@@ -629,6 +654,7 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
       this.log.warn({ domain: domainId, virtStart, virtEnd, physStart, errno }, 'map refused by the backend');
       return errnoToStatus(errno, Status.DEVERR);
     }
+    domain.mappings++;
     return Status.OK;
   }
 
@@ -657,6 +683,7 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
       this.log.error({ domain: domainId, errno }, 'backend failed to unmap');
       return errnoToStatus(errno, Status.DEVERR);
     }
+    domain.mappings -= hit.length;
     return Status.OK;
   }
 
