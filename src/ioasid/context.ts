@@ -3,7 +3,8 @@ import { GPA_LIMIT, type GuestMemoryDescriptor } from '../memory/index.js';
 import { EntryFlag, MAX_IOVA_PFN, PAGE_SIZE, PAGE_SIZE_N } from '../pagetable/format.js';
 import { TablePool, type TablePoolDescriptor } from '../pagetable/pool.js';
 import { IoPageTable } from '../pagetable/radix.js';
-import { emptyLeafInfo } from '../pagetable/walk.js';
+import { emptyLeafInfo, markLeafDirty, walk, type LeafInfo } from '../pagetable/walk.js';
+import { bumpDirtyGeneration, readAndClearDirty } from './dirty.js';
 import { Access, type AccessOps, type PinSlice } from './access.js';
 import { BoundDevice, IGroup, type Attachment, type AttachTarget, type IovaRange } from './device.js';
 import {
@@ -22,13 +23,15 @@ import { HwptNested, HwptPaging, type Hwpt } from './hwpt.js';
 import { Ioas, iovaOf, pfnOf, type AreaPart, type AreaSlice } from './ioas.js';
 import { ObjectTable, type ObjectType } from './objects.js';
 import type { QuiescenceOwner } from './quiescence.js';
-import { ALL_PFNS, appendInvalidations, createStage1Record, releaseStage1Record, type PfnRange } from './stage1-record.js';
+import { ALL_PFNS, appendInvalidations, createStage1Record, emptyStage1View, readStage1, releaseStage1Record, type PfnRange } from './stage1-record.js';
 import {
   AccessRwFlag,
   HwCap,
   HwInfoType,
   HwptAllocFlag,
   HwptDataType,
+  HwptDirtyTrackingFlag,
+  HwptGetDirtyBitmapFlag,
   HwptInvalidateDataType,
   IOAS_MAP_VALID_FLAGS,
   IoasMapFlag,
@@ -192,6 +195,8 @@ function permsOf(flags: number): number {
 }
 
 const PAGE_SHIFT_N = 12n;
+/** Largest dirty bitmap hwptGetDirtyBitmap returns: 2^31 bits (256 MiB). */
+const MAX_DIRTY_BITMAP_BITS = 2 ** 31;
 const MAX_IOVA_PFN_N = BigInt(MAX_IOVA_PFN);
 
 /**
@@ -243,6 +248,7 @@ export class Context {
   private depth = 0;
   private readonly rowScratch = emptyRowValue();
   private readonly leafScratch = emptyLeafInfo();
+  private readonly stage1Scratch = emptyStage1View();
   /** translate() reads through the same shared-memory path a device worker uses. */
   private readonly reader: TranslationReader;
   /** Device workers' DMA brackets: set once workers translate from this context's tables. */
@@ -1037,10 +1043,11 @@ export class Context {
     } else if (att.target === 'identity') {
       this.deviceTable.write(row, AttachKind.IDENTITY, 0, 0, false);
     } else if (att.target.type === 'HWPT_PAGING') {
-      this.deviceTable.write(row, AttachKind.PAGING, att.target.ioas.table.header, att.target.id, att.target.dirtyTracking);
+      this.deviceTable.write(row, AttachKind.PAGING, att.target.ioas.table.header, att.target.id, att.target.dirtyEnabled);
     } else {
-      // A nested row names the stage-1 record; the record names stage 2.
-      this.deviceTable.write(row, AttachKind.NESTED, att.target.record, att.target.id, att.target.parent.dirtyTracking);
+      // A nested row names the stage-1 record; the record names stage 2. Dirty tracking is the
+      // parent's: writes through a nested HWPT dirty its stage 2.
+      this.deviceTable.write(row, AttachKind.NESTED, att.target.record, att.target.id, att.target.parent.dirtyEnabled);
     }
   }
 
@@ -1100,6 +1107,126 @@ export class Context {
       throw failure;
     }
     return handled;
+  }
+
+  // ---- dirty tracking ----
+
+  /**
+   * IOMMU_HWPT_SET_DIRTY_TRACKING: switches dirty tracking on or off for a paging HWPT allocated
+   * with IOMMU_HWPT_ALLOC_DIRTY_TRACKING. `flags` may carry HwptDirtyTrackingFlag.ENABLE too
+   * (the kernel's only bit); `enable` or that bit turns tracking on. Every row attached to the HWPT,
+   * or to a nested HWPT over it, is rewritten; like an unmap the call returns once no device worker
+   * still translates under the old setting, so every write of a DMA that begins afterwards is seen.
+   */
+  hwptSetDirtyTracking(hwptId: number, enable: boolean, flags = 0): void {
+    let cleared = 0;
+    let changed = false;
+    let header = 0;
+    const outer = this.depth === 0;
+    this.run('hwptSetDirtyTracking', () => {
+      // iommufd_hwpt_set_dirty_tracking: flags beyond IOMMU_HWPT_DIRTY_TRACKING_ENABLE are -EOPNOTSUPP.
+      const f = flagsArg(flags, HwptDirtyTrackingFlag.ENABLE);
+      if (typeof enable !== 'boolean') throw new IommufdError('EINVAL', 'enable must be a boolean', 'enable');
+      const on = enable || (f & HwptDirtyTrackingFlag.ENABLE) !== 0;
+      const hwpt = this.getDirtyHwpt(hwptId);
+      // iopt_set_dirty_tracking: a domain without dirty_ops (not allocated with
+      // IOMMU_HWPT_ALLOC_DIRTY_TRACKING) is -EOPNOTSUPP.
+      if (!hwpt.dirtyTracking) throw new IommufdError('EOPNOTSUPP', `HWPT ${hwpt.id} was not allocated with DIRTY_TRACKING`, 'hwptId');
+      if (on) {
+        // iopt_set_dirty_tracking: "Clear dirty bits from PTEs to ensure a clean snapshot" before
+        // enabling. The bits live in the IOAS's table, shared by its HWPTs: they are left alone while
+        // another HWPT of the IOAS tracks (its next read still owes them).
+        const othersTrack = [...hwpt.ioas.hwpts].some((h) => h !== hwpt && h.dirtyEnabled);
+        if (!othersTrack) cleared = readAndClearDirty(hwpt.ioas.table, this.pool.words, 0, MAX_IOVA_PFN, false, undefined);
+        header = hwpt.ioas.table.header;
+      }
+      if (hwpt.dirtyEnabled === on) return;
+      hwpt.dirtyEnabled = on;
+      for (const group of this.groups.values()) {
+        for (const [pasid, att] of group.attachments) {
+          const t = att.target;
+          if (t === hwpt || (t !== 'identity' && t.type === 'HWPT_NESTED' && t.parent === hwpt)) this.syncGroupRows(group, pasid);
+        }
+      }
+      changed = true;
+    });
+    if (cleared > 0) bumpDirtyGeneration(this.pool.words, header);
+    if (outer && (changed || cleared > 0)) this.settle(false);
+  }
+
+  /**
+   * IOMMU_HWPT_GET_DIRTY_BITMAP: the pages of [iova, iova + length) written by DMA since the
+   * last read (or since tracking was enabled), one bit per `pageSize` bytes, bit i for the page at
+   * iova + i * pageSize, as the kernel's __u64 bitmap. Clears what it reports unless `flags` has
+   * HwptGetDirtyBitmapFlag.NO_CLEAR. A write that races the read is reported by this read or by
+   * the next one, never lost: after clearing, the call waits for the DMAs in flight (strict, like
+   * an unmap), so those DMAs' data is in memory when it returns.
+   */
+  hwptGetDirtyBitmap(hwptId: number, args: { iova: bigint; length: bigint; pageSize: bigint; flags?: number }): BigUint64Array {
+    let cleared = 0;
+    let header = 0;
+    const outer = this.depth === 0;
+    const bitmap = this.run('hwptGetDirtyBitmap', () => {
+      if (typeof args !== 'object' || args === null) throw new IommufdError('EINVAL', 'arguments must be an object', 'args');
+      // iommufd_hwpt_get_dirty_bitmap: flags beyond IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR are -EOPNOTSUPP.
+      const f = flagsArg(args.flags ?? 0, HwptGetDirtyBitmapFlag.NO_CLEAR);
+      const hwpt = this.getDirtyHwpt(hwptId);
+      const iova = u64Arg(args.iova, 'iova');
+      const length = u64Arg(args.length, 'length');
+      const pageSize = u64Arg(args.pageSize, 'pageSize');
+      // iommufd_check_iova_range, in its order. A zero length is EINVAL here: the kernel's
+      // check_add_overflow(iova, length - 1) only lets it through for iova 0, to a bitmap of nothing.
+      if (length === 0n) throw new IommufdError('EINVAL', 'length is 0', 'length');
+      // "if (check_add_overflow(bitmap->iova, bitmap->length - 1, &last_iova)) return -EOVERFLOW;"
+      if (iova + length - 1n > U64_MAX) throw new IommufdError('EOVERFLOW', 'iova + length overflows 64 bits', 'length');
+      // "(bitmap->iova & (iommu_pgsize - 1)) || ((last_iova + 1) & (iommu_pgsize - 1))": -EINVAL,
+      // with the IOAS alignment, always 4 KiB here.
+      if (iova % PAGE_SIZE_N !== 0n || length % PAGE_SIZE_N !== 0n) {
+        throw new IommufdError('EINVAL', 'iova and length must be 4 KiB aligned', iova % PAGE_SIZE_N !== 0n ? 'iova' : 'length');
+      }
+      // "if (!bitmap->page_size) return -EINVAL;" A page size that is not a power of two is EINVAL
+      // too (the kernel's mask tests assume one; its bitmap takes __ffs(page_size) as the shift).
+      if (pageSize === 0n || (pageSize & (pageSize - 1n)) !== 0n) throw new IommufdError('EINVAL', 'pageSize must be a power of two', 'pageSize');
+      // "(bitmap->iova & (bitmap->page_size - 1)) || ((last_iova + 1) & (bitmap->page_size - 1))": -EINVAL.
+      if (iova % pageSize !== 0n || length % pageSize !== 0n) {
+        throw new IommufdError('EINVAL', 'iova and length must be aligned to pageSize', iova % pageSize !== 0n ? 'iova' : 'length');
+      }
+      // iommu_read_and_clear_dirty: a domain without dirty_ops (no IOMMU_HWPT_ALLOC_DIRTY_TRACKING) is -EOPNOTSUPP.
+      if (!hwpt.dirtyTracking) throw new IommufdError('EOPNOTSUPP', `HWPT ${hwpt.id} was not allocated with DIRTY_TRACKING`, 'hwptId');
+      const bits = length / pageSize;
+      // iova_bitmap_alloc failing is -ENOMEM; here the bitmap is returned whole, so it is bounded.
+      if (bits > BigInt(MAX_DIRTY_BITMAP_BITS)) throw new IommufdError('ENOMEM', `a bitmap of ${bits} bits is too large`, 'length');
+      // The drivers' read_and_clear_dirty (mock, VT-d): reading a bitmap while tracking is off is -EINVAL.
+      if (!hwpt.dirtyEnabled) throw new IommufdError('EINVAL', `dirty tracking is off on HWPT ${hwpt.id}`, 'hwptId');
+      const nbits = Number(bits);
+      const out = new BigUint64Array(Math.ceil(nbits / 64));
+      const firstPfn = pfnOf(iova);
+      const lastPfn = pfnOf(iova + length - 1n);
+      const pages = pageSize >= PAGE_SIZE_N ? Number(pageSize / PAGE_SIZE_N) : 0;
+      const target = {
+        words: new Uint32Array(out.buffer),
+        basePfn: firstPfn,
+        pagesPerBit: pages,
+        bitsPerPage: pages > 0 ? 0 : Number(PAGE_SIZE_N / pageSize),
+      };
+      // __iommu_read_and_clear_dirty walks the areas in the range; the kernel ignores what that
+      // walk returns (iova_bitmap_for_each's result is dropped), so holes simply report nothing.
+      cleared = readAndClearDirty(hwpt.ioas.table, this.pool.words, firstPfn, lastPfn, (f & HwptGetDirtyBitmapFlag.NO_CLEAR) !== 0, target);
+      header = hwpt.ioas.table.header;
+      return out;
+    });
+    if (cleared > 0) {
+      bumpDirtyGeneration(this.pool.words, header);
+      if (outer) this.settle(false);
+    }
+    return bitmap;
+  }
+
+  /** iommufd_get_hwpt_paging: anything but a paging HWPT (a nested one included) is -ENOENT. */
+  private getDirtyHwpt(hwptId: number): HwptPaging {
+    const obj = this.lookup(hwptId, 'hwptId');
+    if (obj.type !== 'HWPT_PAGING') throw new IommufdError('ENOENT', `object ${obj.id} (${obj.type}) is not a paging HWPT`, 'hwptId');
+    return obj;
   }
 
   // ---- accesses ----
@@ -1427,6 +1554,7 @@ export class Context {
         if (r === PageResult.MAPPING) return { fault: { reason: 'MAPPING', iova: pos, access, pasid: p } };
         if (r === PageResult.PERMISSION) return { fault: { reason: 'PERMISSION', iova: pos, access, pasid: p } };
         if (r === PageResult.STAGE2) return { fault: { reason: 'STAGE2', iova: pos, access, pasid: p } };
+        if (write && r === PageResult.OK && (this.rowScratch.flags & DeviceRowFlag.DIRTY_TRACKING) !== 0) this.markWritten(leaf);
         let gpa: number;
         let chunk: bigint;
         if (r === PageResult.IDENTITY) {
@@ -1448,6 +1576,21 @@ export class Context {
       }
       return { spans };
     });
+  }
+
+  /**
+   * translate()'s write with dirty tracking on: dirties the leaf it went through, as a device
+   * worker's translator does (for a nested row, the stage-2 leaf of the output page).
+   */
+  private markWritten(leaf: LeafInfo): void {
+    const words = this.pool.words;
+    if (this.rowScratch.kind === AttachKind.PAGING) {
+      markLeafDirty(words, this.rowScratch.header, leaf.leafPfn);
+      return;
+    }
+    const stage1 = readStage1(words, this.rowScratch.header, this.stage1Scratch) ? this.stage1Scratch : undefined;
+    const s2 = emptyLeafInfo();
+    if (stage1 !== undefined && walk(words, stage1.stage2, leaf.guestPfn, s2)) markLeafDirty(words, stage1.stage2, s2.leafPfn);
   }
 
   /** Cheap counters (no walk of the tables): objects, table memory, device-table rows. */

@@ -11,6 +11,8 @@ export class HwptPaging implements ContextObject {
   readonly type = 'HWPT_PAGING' as const;
   /** Attachments (device, PASID) holding this HWPT, plus nested HWPTs built on it. */
   users = 0;
+  /** IOMMU_HWPT_SET_DIRTY_TRACKING state: device writers mark the leaves they write. */
+  dirtyEnabled = false;
 
   constructor(
     readonly id: number,

@@ -2,7 +2,7 @@ import { GPA_LIMIT, type GuestMemoryDescriptor } from '../memory/guest-memory.js
 import { EntryFlag, MAX_IOVA_PFN, PAGE_SHIFT, PAGE_SIZE } from '../pagetable/format.js';
 import { TableReader, emptyLeafInfo, type LeafInfo } from '../pagetable/walk.js';
 import { X86Fault, type X86FaultValue } from '../pagetable/x86-64.js';
-import { AttachKind, TranslationReader, emptyRowValue, type DeviceTableDescriptor } from './device-table.js';
+import { AttachKind, DeviceRowFlag, TranslationReader, emptyRowValue, type DeviceTableDescriptor } from './device-table.js';
 import { FaultAccess, FaultReason, NO_PASID, type FaultProducer, type FaultReasonValue } from './fault-queue.js';
 import { Iotlb, type GenerationSource, type IotlbOptions, type IotlbStats, type RangeVisitor } from './iotlb.js';
 import { GuestWords, NestedFlag, NestedResult, NestedWalker, type NestedResultValue } from './nested.js';
@@ -25,6 +25,11 @@ export interface Attachment {
   kind: number;
   /** PAGING: Int32 index of the address space's header slot in the table pool. NESTED: of the stage-1 record. */
   header: number;
+  /**
+   * Dirty tracking is on (the HWPT's, or a nested HWPT's parent's): writes set EntryFlag.DIRTY on
+   * the stage-2 leaves they go through. Sources that never track may leave it false.
+   */
+  dirty: boolean;
 }
 
 /**
@@ -48,8 +53,8 @@ export class FixedAttachments implements AttachmentSource {
     return deviceSlot * 2 ** 21 + (pasid + 1);
   }
 
-  set(deviceSlot: number, pasid: number, kind: number, header = 0): this {
-    this.table.set(FixedAttachments.key(deviceSlot, pasid), { kind, header });
+  set(deviceSlot: number, pasid: number, kind: number, header = 0, dirty = false): this {
+    this.table.set(FixedAttachments.key(deviceSlot, pasid), { kind, header, dirty });
     return this;
   }
 
@@ -57,6 +62,7 @@ export class FixedAttachments implements AttachmentSource {
     const a = this.table.get(FixedAttachments.key(deviceSlot, pasid));
     out.kind = a?.kind ?? TranslationKind.BLOCKED;
     out.header = a?.header ?? 0;
+    out.dirty = a?.dirty ?? false;
   }
 }
 
@@ -83,6 +89,7 @@ export class DeviceTableAttachments implements AttachmentSource {
   resolve(deviceSlot: number, pasid: number, out: Attachment): void {
     // The device table keeps the RID translation as PASID 0.
     const r = this.reader.findPasidRow(deviceSlot, pasid === NO_PASID ? 0 : pasid);
+    out.dirty = false;
     if (r < 0) {
       out.kind = TranslationKind.BLOCKED;
       out.header = 0;
@@ -93,6 +100,7 @@ export class DeviceTableAttachments implements AttachmentSource {
     if (kind === AttachKind.PAGING || kind === AttachKind.NESTED) {
       out.kind = kind === AttachKind.PAGING ? TranslationKind.PAGING : TranslationKind.NESTED;
       out.header = this.row.header;
+      out.dirty = (this.row.flags & DeviceRowFlag.DIRTY_TRACKING) !== 0;
       return;
     }
     out.kind = kind === AttachKind.IDENTITY ? TranslationKind.IDENTITY : TranslationKind.BLOCKED;
@@ -170,6 +178,8 @@ export interface TranslatorStats {
   readonly dmas: number;
   /** DMAs that began in a new epoch (caches revalidated or flushed). */
   readonly epochChanges: number;
+  /** Leaves this translator marked dirty (first writes since the owner's last clear). */
+  readonly dirtyMarks: number;
   readonly iotlb: IotlbStats;
 }
 
@@ -185,6 +195,7 @@ const LAST_PFN = MAX_IOVA_PFN;
 const NEED_READ = EntryFlag.READ;
 const NEED_WRITE = EntryFlag.WRITE;
 const NEED_EXEC = NestedFlag.EXEC;
+const DIRTY = EntryFlag.DIRTY;
 const S1_READ = NestedFlag.S1_READ;
 const S1_WRITE = NestedFlag.S1_WRITE;
 const S1_EXEC = NestedFlag.S1_EXEC;
@@ -250,15 +261,20 @@ export class Translator {
   private declare memoPasid: number;
   private declare memoKind: number;
   private declare memoHeader: number;
+  /** The memoised attachment tracks dirty pages. */
+  private declare memoDirty: boolean;
   /** NESTED: the stage 1 of the memoised attachment (root, levels, stage-2 header). */
   private declare readonly memoStage1: Stage1View;
   private declare readonly nested: NestedWalker | undefined;
   /** Stage-2 lookups of nested walks: the IOTLB first, a walk and a fill on a miss. */
   private declare readonly stage2Leaf: LeafInfo;
+  /** markDirty()'s walk. */
+  private declare readonly dirtyLeaf: LeafInfo;
   private declare nTranslations: number;
   private declare nFaults: number;
   private declare nDmas: number;
   private declare nEpochChanges: number;
+  private declare nDirtyMarks: number;
   private declare readonly attachments: AttachmentSource;
   private declare readonly attachment: Attachment;
   private declare readonly quiescence: QuiescenceWorker;
@@ -281,16 +297,19 @@ export class Translator {
     this.memoPasid = 0;
     this.memoKind = 0;
     this.memoHeader = 0;
+    this.memoDirty = false;
     this.memoStage1 = emptyStage1View();
     this.stage2Leaf = emptyLeafInfo();
+    this.dirtyLeaf = emptyLeafInfo();
     const memory = options.memory ?? options.attachments.memory;
     this.nested = memory === undefined ? undefined : new NestedWalker(new GuestWords(memory), (header, pfn, leaf) => this.lookupStage2(header, pfn, leaf));
     this.nTranslations = 0;
     this.nFaults = 0;
     this.nDmas = 0;
     this.nEpochChanges = 0;
+    this.nDirtyMarks = 0;
     this.attachments = options.attachments;
-    this.attachment = { kind: TranslationKind.BLOCKED, header: 0 };
+    this.attachment = { kind: TranslationKind.BLOCKED, header: 0, dirty: false };
     this.quiescence = options.quiescence;
     this.faults = options.faults;
   }
@@ -382,6 +401,7 @@ export class Translator {
       }
       const need = ((access & ACCESS_READS) !== 0 ? NEED_READ : 0) | ((access & ACCESS_WRITES) !== 0 ? NEED_WRITE : 0);
       if ((leaf.flags & need) !== need) return this.fault(FaultReason.PERMISSION, deviceSlot, pasid, pfn, offset, length, access);
+      if ((leaf.flags & DIRTY) === 0 && this.memoDirty && (access & ACCESS_WRITES) !== 0) this.markDirty(header, pfn, leaf);
       const spans = this.spans;
       spans.gpa[0] = leaf.guestPfn * PAGE + offset;
       spans.bytes[0] = length;
@@ -399,6 +419,7 @@ export class Translator {
       }
       const need = ((access & ACCESS_READ) !== 0 ? NEED_READ : 0) | ((access & ACCESS_WRITES) !== 0 ? NEED_WRITE : 0) | ((access & ACCESS_EXEC) !== 0 ? NEED_EXEC : 0);
       if ((leaf.flags & need) !== need) return this.refuse(leaf.flags, need, deviceSlot, pasid, pfn, offset, length, access);
+      if (this.memoDirty && (access & ACCESS_WRITES) !== 0) this.markStage2Dirty(leaf.guestPfn);
       const spans = this.spans;
       spans.gpa[0] = leaf.guestPfn * PAGE + offset;
       spans.bytes[0] = length;
@@ -421,6 +442,7 @@ export class Translator {
     this.memoPasid = pasid;
     this.memoKind = this.attachment.kind;
     this.memoHeader = this.attachment.header;
+    this.memoDirty = this.attachment.dirty;
     this.memoValid = true;
     if (this.memoKind !== NESTED) return;
     const words = this.tables.words;
@@ -453,6 +475,7 @@ export class Translator {
         return this.fault(FaultReason.MAPPING, deviceSlot, pasid, cur, off, length, access);
       }
       if ((leaf.flags & need) !== need) return this.fault(FaultReason.PERMISSION, deviceSlot, pasid, cur, off, length, access);
+      if ((leaf.flags & DIRTY) === 0 && this.memoDirty && (access & ACCESS_WRITES) !== 0) this.markDirty(header, cur, leaf);
       const leafEnd = leaf.leafPfn + (1 << (leaf.pageShift - SHIFT));
       const chunk = Math.min(left, (leafEnd - cur) * PAGE - off);
       this.spans.push(leaf.guestPfn * PAGE + off, chunk);
@@ -494,6 +517,7 @@ export class Translator {
         if (r !== NestedResult.OK && r !== NestedResult.OUTPUT) return this.fault(r === NestedResult.STAGE2 ? FaultReason.STAGE2 : FaultReason.MAPPING, deviceSlot, pasid, cur, off, length, access);
       }
       if ((leaf.flags & need) !== need) return this.refuse(leaf.flags, need, deviceSlot, pasid, cur, off, length, access);
+      if (this.memoDirty && (access & ACCESS_WRITES) !== 0) this.markStage2Dirty(leaf.guestPfn);
       const leafEnd = leaf.leafPfn + (1 << (leaf.pageShift - SHIFT));
       const chunk = Math.min(left, (leafEnd - cur) * PAGE - off);
       this.spans.push(leaf.guestPfn * PAGE + off, chunk);
@@ -521,6 +545,37 @@ export class Translator {
     if (!this.tables.walk(header, pfn, leaf)) return false;
     this.iotlb.insert(header, generation, leaf);
     return true;
+  }
+
+  /**
+   * Dirty tracking: the first write through a leaf since the owner last cleared its DIRTY bit.
+   * Sets the bit in the shared table (one compare-and-swap) and re-files the cached leaf with it, so
+   * later writes through the same leaf cost one flags test. A huge leaf is marked whole, as the
+   * kernel's dirty tracking marks a huge IOPTE (and reports every page under it).
+   *
+   * Why no write is lost: a cached leaf says DIRTY only if the bit was set when it was walked or
+   * marked. The owner's read-and-clear bumps the address space's GENERATION after clearing and then
+   * waits for DMAs in flight (docs/data-plane.md, "Dirty tracking"), so a DMA that begins after that
+   * re-walks and marks again, and one already in flight ends before the read returns the bit it set.
+   */
+  private markDirty(header: number, pfn: number, leaf: LeafInfo): void {
+    this.tables.markDirty(header, pfn);
+    leaf.flags |= DIRTY;
+    this.nDirtyMarks++;
+    // Re-file from a fresh walk under the generation read before it (as fill() does), never the
+    // cached copy: after an unmap that is waiting for this DMA, the cached leaf must not be filed
+    // under the new generation.
+    const fresh = this.dirtyLeaf;
+    const generation = this.tables.generation(header);
+    if (this.tables.walk(header, pfn, fresh) && (fresh.flags & DIRTY) !== 0) this.iotlb.insert(header, generation, fresh);
+  }
+
+  /** Nested: dirty tracking is on the parent (stage 2), so the write dirties the output page's stage-2 leaf. */
+  private markStage2Dirty(guestPfn: number): void {
+    const stage2 = this.memoStage1.stage2;
+    const leaf = this.stage2Leaf;
+    if (!this.lookupStage2(stage2, guestPfn, leaf) || (leaf.flags & DIRTY) !== 0) return;
+    this.markDirty(stage2, guestPfn, leaf);
   }
 
   /** Stage-2 lookups of a nested walk: table pages and output pages are cached like any page. */
@@ -578,6 +633,7 @@ export class Translator {
       faults: this.nFaults,
       dmas: this.nDmas,
       epochChanges: this.nEpochChanges,
+      dirtyMarks: this.nDirtyMarks,
       iotlb: this.iotlb.stats(),
     };
   }

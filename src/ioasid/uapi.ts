@@ -19,6 +19,17 @@ export const HwptAllocFlag = {
   PASID: 1 << 3,
 } as const;
 
+/** IOMMU_HWPT_SET_DIRTY_TRACKING flags (enum iommufd_hwpt_set_dirty_tracking_flags). */
+export const HwptDirtyTrackingFlag = {
+  ENABLE: 1 << 0,
+} as const;
+
+/** IOMMU_HWPT_GET_DIRTY_BITMAP flags (enum iommufd_hwpt_get_dirty_bitmap_flags). */
+export const HwptGetDirtyBitmapFlag = {
+  /** Read the dirty bits without clearing them. */
+  NO_CLEAR: 1 << 0,
+} as const;
+
 /** IOMMU_HWPT_ALLOC data_type: driver-specific stage-1 formats for nested HWPTs. */
 export const HwptDataType = {
   NONE: 0,

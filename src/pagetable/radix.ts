@@ -19,7 +19,7 @@ import { walk, type LeafInfo } from './walk.js';
 /** A leaf as the iterators report it: always whole, even when it straddles the range asked for. */
 export interface LeafVisitor {
   /** Return false to stop. */
-  (pfn: number, pages: number, guestPfn: number, flags: number): boolean | void;
+  (pfn: number, pages: number, guestPfn: number, flags: number, flagsWord: number): boolean | void;
 }
 
 /** An IOAS area read back from the table. */
@@ -365,7 +365,7 @@ export class IoPageTable {
       if ((flags & PRESENT) === 0) continue;
       const childBase = base + idx * span;
       if (level === 0 || (flags & LEAF) !== 0) {
-        if (visit(childBase, span, words[w + FRAME]! >>> 0, flags) === false) return false;
+        if (visit(childBase, span, words[w + FRAME]! >>> 0, flags, w + FLAGS) === false) return false;
         continue;
       }
       const child = words[w + FRAME]! >>> 0;
@@ -392,7 +392,7 @@ export class IoPageTable {
       if ((flags & PRESENT) === 0) continue;
       const childBase = base + idx * span;
       if (level === 0 || (flags & LEAF) !== 0) {
-        if (visit(childBase, span, words[w + FRAME]! >>> 0, flags) === false) return false;
+        if (visit(childBase, span, words[w + FRAME]! >>> 0, flags, w + FLAGS) === false) return false;
         continue;
       }
       const child = words[w + FRAME]! >>> 0;

@@ -128,6 +128,13 @@ export class TableReader {
     }
   }
 
+  /** markLeafDirty() through this view, re-mapped when the pool grew. */
+  markDirty(header: number, iovaPfn: number): void {
+    while (!markLeafDirty(this.words, header, iovaPfn)) {
+      if (!this.refresh()) return;
+    }
+  }
+
   generation(header: number): number {
     if (header + HeaderSlot.WORDS > this.words.length) this.refresh();
     return Atomics.load(this.words, header + HeaderSlot.GENERATION);
@@ -137,4 +144,47 @@ export class TableReader {
 /** The generation word of an address space: changes whenever a translation is removed. */
 export function headerGeneration(words: Int32Array, header: number): number {
   return Atomics.load(words, header + HeaderSlot.GENERATION);
+}
+
+/** leafFlagsWord() when nothing is mapped at the page. */
+export const NO_LEAF = -1;
+
+/**
+ * The Int32 index of the flags word of the leaf that maps IOVA page `iovaPfn` (NO_LEAF when none;
+ * WalkResult.STALE_VIEW when `words` is older than the pool). The same lock-free walk as walkWords().
+ */
+export function leafFlagsWord(words: Int32Array, header: number, iovaPfn: number): number {
+  if (header + HeaderSlot.WORDS > words.length) return WalkResult.STALE_VIEW;
+  const root = Atomics.load(words, header + HeaderSlot.ROOT);
+  const levels = root >>> ROOT_LEVELS_SHIFT;
+  if (levels === 0 || !(iovaPfn >= 0 && iovaPfn < TABLE_PAGES[levels - 1]!)) return NO_LEAF;
+  let table = root & ROOT_INDEX_MASK;
+  for (let level = levels - 1; level >= 0; level--) {
+    const w = entryWord(table, entryIndex(iovaPfn, level));
+    if (w + Entry.WORDS > words.length) return WalkResult.STALE_VIEW;
+    const flags = Atomics.load(words, w + Entry.FLAGS_WORD);
+    if ((flags & EntryFlag.PRESENT) === 0) return NO_LEAF;
+    if (level === 0 || (flags & EntryFlag.LEAF) !== 0) return w + Entry.FLAGS_WORD;
+    table = words[w + Entry.FRAME_WORD]! >>> 0;
+    // A table pointer is only good with the flags it was read under (see walkOnce).
+    if (Atomics.load(words, w + Entry.FLAGS_WORD) !== flags) return leafFlagsWord(words, header, iovaPfn);
+  }
+  return NO_LEAF;
+}
+
+/**
+ * Dirty tracking, device side: sets EntryFlag.DIRTY on the leaf that maps `iovaPfn`, with a
+ * compare-and-swap so that a leaf the owner cleared (unmap) in the meantime is left alone. One
+ * atomic operation when the bit is clear, none when it is already set. Returns false when the
+ * view is stale (refresh and call again); true otherwise, mapped or not.
+ */
+export function markLeafDirty(words: Int32Array, header: number, iovaPfn: number): boolean {
+  const w = leafFlagsWord(words, header, iovaPfn);
+  if (w === WalkResult.STALE_VIEW) return false;
+  if (w === NO_LEAF) return true;
+  for (;;) {
+    const flags = Atomics.load(words, w);
+    if ((flags & EntryFlag.PRESENT) === 0 || (flags & EntryFlag.DIRTY) !== 0) return true;
+    if (Atomics.compareExchange(words, w, flags, flags | EntryFlag.DIRTY) === flags) return true;
+  }
 }
