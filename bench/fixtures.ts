@@ -76,7 +76,8 @@ export function mappedContext(ctx: BenchContext): Promise<MappedContext> {
     const srcGpa = TARGET_FRAMES * PAGE_SIZE;
     const dstGpa = srcGpa + COPY_REGION;
     const memory = GuestMemory.create(dstGpa + COPY_REGION);
-    const host = new IommufdHost(memory, { devices: [{ name: 'dma0', group: 'g0' }] });
+    // Dirty tracking capable, for dma.copy_64k_dirty_gbps.
+    const host = new IommufdHost(memory, { devices: [{ name: 'dma0', group: 'g0', dirtyTracking: true }] });
     const context = host.open();
     const ioas = context.ioasAlloc();
     // 4 KiB leaves only: the DMA windows then cost one IOTLB entry per page, the worst case.

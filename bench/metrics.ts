@@ -152,6 +152,13 @@ export const EXTRA_METRICS: readonly MetricSpec[] = [
     compareTo: 'limit.array_read_ns',
   },
   {
+    name: 'dma.copy_64k_dirty_gbps',
+    unit: 'GB/s',
+    implemented: true,
+    what: 'dma.copy_64k_gbps with dirty tracking on, the owner reading and clearing the destination window every 2 ms (first write to a leaf after each read marks it)',
+    compareTo: 'dma.copy_64k_gbps',
+  },
+  {
     name: 'dma.copy_64k_hot_gbps',
     unit: 'GB/s',
     implemented: true,

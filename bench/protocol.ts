@@ -40,6 +40,8 @@ export interface DataPlaneStart {
   /** Seed of the random page sequence (the same one the radix limit walks). */
   readonly seed: number;
   readonly quick: boolean;
+  /** Measure only the memcpy limit and the 8 MiB-window copy (the dirty-tracking run). */
+  readonly copyOnly?: boolean;
 }
 
 /** What the data-plane worker reports, in ns per operation or GB/s. */

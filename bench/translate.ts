@@ -22,7 +22,7 @@ export const translate: BenchGroup = {
     'limit.array_read_ns',
     'limit.radix_walk_ns',
     'limit.memcpy_gbps',
-    'translate.hit_ns', 'translate.hit_dma_ns', 'translate.miss_ns', 'translate.walk_ns', 'dma.copy_64k_gbps', 'dma.copy_64k_hot_gbps'],
+    'translate.hit_ns', 'translate.hit_dma_ns', 'translate.miss_ns', 'translate.walk_ns', 'dma.copy_64k_gbps', 'dma.copy_64k_hot_gbps', 'dma.copy_64k_dirty_gbps'],
   async run(ctx) {
     const mapped = await mappedContext(ctx);
     const shared = mapped.context.describeShared();
@@ -52,6 +52,34 @@ export const translate: BenchGroup = {
     ctx.record('dma.copy_64k_gbps', r.copyGbps);
     ctx.record('dma.copy_64k_hot_gbps', r.copyHotGbps);
     ctx.env.translate_miss_rate = Number(r.missRate.toFixed(4));
+
+    // The same copies with dirty tracking on: the device moves to a DIRTY_TRACKING HWPT of the
+    // same IOAS, and the owner reads and clears the destination window's bitmap every 2 ms (each
+    // read moves the window's generation, so the worker re-walks and re-marks what it writes next).
+    ctx.progress('the same DMA copies with dirty tracking on');
+    const c = mapped.context;
+    const dirtyHwpt = c.hwptAlloc(mapped.device, mapped.ioas, { flags: HwptAllocFlag.DIRTY_TRACKING });
+    c.deviceAttach(mapped.device, dirtyHwpt);
+    c.hwptSetDirtyTracking(dirtyHwpt, true);
+    const quiescence = createQuiescenceBuffer(4);
+    const epochs = new QuiescenceOwner(quiescence);
+    let reads = 0;
+    const timer = setInterval(() => {
+      c.hwptGetDirtyBitmap(dirtyHwpt, { iova: BigInt(mapped.dstIova), length: BigInt(mapped.windowBytes), pageSize: BigInt(PAGE_SIZE) });
+      epochs.bumpEpoch();
+      reads++;
+    }, 2);
+    let d: DataPlaneResult;
+    try {
+      d = await runWorker<DataPlaneResult>('dataplane', { ...start, row: c.deviceRow(mapped.device), quiescence, copyOnly: true });
+    } finally {
+      clearInterval(timer);
+      c.hwptSetDirtyTracking(dirtyHwpt, false);
+      c.deviceAttach(mapped.device, mapped.ioas);
+      c.destroy(dirtyHwpt);
+    }
+    ctx.record('dma.copy_64k_dirty_gbps', d.copyGbps);
+    ctx.env.dirty_bitmap_reads = reads;
   },
 };
 
