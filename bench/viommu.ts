@@ -20,6 +20,8 @@ const PAGE = 4096;
 /** IOVAs of the benchmark's mappings start here (clear of the x86 MSI window). */
 const IOVA_BASE = 1 << 30;
 const POISON = 0xa5;
+/** Guest-physical start of the pages the device workers write (above the driver's allocations). */
+const DATA_GPA = 8 << 20;
 
 /** One request laid out once in guest memory and resubmitted as is, as a polling driver does. */
 interface Prepared {
@@ -66,7 +68,9 @@ interface Machine {
 async function machine(dmaWorkers: number, queueSize = 256): Promise<Machine> {
   const size = 16 << 20;
   const memory = GuestMemory.create(size);
-  const allocator = new GuestAllocator(0x1000, size - 0x1000);
+  // The driver's rings and requests live below DATA_GPA; the pages DMA writes into live above it,
+  // so device workers never scribble over the guest's own queues.
+  const allocator = new GuestAllocator(0x1000, DATA_GPA - 0x1000);
   const signals = createSignalBuffer();
   const start: ViommuStart = { memory: memory.describe(), signals, endpoint: ENDPOINT, dmaWorkers };
   let worker: Worker | undefined;
@@ -95,12 +99,12 @@ async function machine(dmaWorkers: number, queueSize = 256): Promise<Machine> {
 }
 
 /** MAP and UNMAP requests of `count` distinct 4 KiB pages. */
-function pages(m: Machine, count: number, iovaBase: number): { maps: Prepared[]; unmaps: Prepared[] } {
+function pages(m: Machine, count: number, iovaBase: number, gpaBase = 0): { maps: Prepared[]; unmaps: Prepared[] } {
   const maps: Prepared[] = [];
   const unmaps: Prepared[] = [];
   for (let k = 0; k < count; k++) {
     const iova = BigInt(iovaBase + k * PAGE);
-    const gpa = BigInt(((k * 7) % 1024) * PAGE);
+    const gpa = BigInt(gpaBase + ((k * 7) % 1024) * PAGE);
     maps.push(prepare(m, encodeMap(DOMAIN, iova, iova + BigInt(PAGE - 1), gpa, MapFlag.READ | MapFlag.WRITE)));
     unmaps.push(prepare(m, encodeUnmap(DOMAIN, iova, iova + BigInt(PAGE - 1))));
   }
@@ -204,12 +208,12 @@ const DMA_PAGES = 16;
  * until every worker has left the DMA it was in, so the figure includes that wait.
  */
 async function strictUnmap(ctx: BenchContext, workerCount: number): Promise<number> {
-  const m = await machine(workerCount);
+  const m = await machine(workerCount, 1024);
   const workers: Worker[] = [];
   const control = new SharedArrayBuffer((DmaLoop.COUNTS + workerCount) * 4);
   const ctl = new Int32Array(control);
   try {
-    const window = pages(m, DMA_PAGES, DMA_IOVA);
+    const window = pages(m, DMA_PAGES, DMA_IOVA, DATA_GPA);
     roundTrip(m, window.maps, window.maps.map((p) => p.request));
     const shared = await m.control.shared();
     for (let index = 0; index < workerCount; index++) {
