@@ -66,7 +66,7 @@ describe('backend fixture runner', () => {
     expect(result.failed).toBe(1);
   });
 
-  it('reports wrong outcomes and wrong details, and skips ops the backend lacks with the reason', async () => {
+  it('reports wrong outcomes and wrong details', async () => {
     const result = await replay(
       doc([
         ...ATTACHED,
@@ -74,7 +74,7 @@ describe('backend fixture runner', () => {
         { op: 'ioasIovaRanges', ioas: 'ioas', expectRanges: [[0, '0xffffffffffffffff']] },
         { op: 'getHwInfo', device: 'dev', expect: { maxPasidLog2: 3 } },
         { op: 'stats', expect: { pinnedPages: 2 } },
-        { op: 'getDirtyBitmap', hwpt: 'hwpt', iova: 0, length: 4096, pageSize: 4096 },
+        { op: 'getDirtyBitmap', hwpt: 'hwpt', iova: 0, length: 4096, pageSize: 4096, expectDirty: [] },
       ]),
     );
     const [destroy, ranges, info, stats, invalidate] = result.steps.slice(4);
@@ -82,8 +82,9 @@ describe('backend fixture runner', () => {
     expect(ranges).toMatchObject({ ok: false, actual: { ranges: [['0x1000000', '0x7fffffff']] } });
     expect(info).toMatchObject({ ok: false, actual: { info: { maxPasidLog2: 0, capabilities: ['DIRTY_TRACKING'] } } });
     expect(stats).toMatchObject({ ok: true });
-    expect(invalidate).toMatchObject({ skipped: true, ok: true, skipReason: expect.stringContaining('IOMMU_HWPT_GET_DIRTY_BITMAP') });
-    expect([result.passed, result.failed, result.skipped]).toEqual([5, 3, 1]);
+    // A HWPT without dirty tracking refuses the read (kernel: EOPNOTSUPP), and the step says so.
+    expect(invalidate).toMatchObject({ skipped: false, ok: false, actual: 'EOPNOTSUPP' });
+    expect([result.passed, result.failed, result.skipped]).toEqual([5, 4, 0]);
   });
 
   it('a name whose binding step failed makes its later uses fail with a message, not the run', async () => {
@@ -122,7 +123,8 @@ describe('backend fixture runner', () => {
       { op: 'setDirtyTracking', hwpt: 'hwpt', enable: true },
     ]);
     const first = await replay(source);
-    expect(first.failed).toBe(10);
+    // The last step too: a HWPT allocated without DIRTY_TRACKING refuses it (EOPNOTSUPP).
+    expect(first.failed).toBe(11);
     const recorded = first.recorded;
     const steps = recorded.steps as Record<string, unknown>[];
     expect(steps[4]).toMatchObject({ expectIovaAlignment: 4096, expectIova: '0x1002000' });
@@ -132,9 +134,10 @@ describe('backend fixture runner', () => {
     expect(steps[8]!.expectFault).toBeUndefined();
     expect(steps[9]).toMatchObject({ expectFault: 'MAPPING' });
     expect(steps[13]).toMatchObject({ expect: 'EBUSY' });
+    expect(steps[14]).toMatchObject({ expect: 'EOPNOTSUPP' });
     const again = await replay(JSON.parse(JSON.stringify(recorded)) as Record<string, unknown>);
     expect(again.steps.filter((s) => !s.ok)).toEqual([]);
-    expect(again.skipped).toBe(1);
+    expect(again.skipped).toBe(0);
   });
 });
 

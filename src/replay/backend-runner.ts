@@ -3,6 +3,7 @@ import {
   Context,
   HwCap,
   HwptDataType,
+  HwptGetDirtyBitmapFlag,
   IommufdError,
   IommufdHost,
   IommuOption,
@@ -44,11 +45,8 @@ export interface BackendReplayResult extends ReplayResult {
   readonly steps: BackendStepResult[];
 }
 
-/** Ops the backend cannot run yet: their steps are reported as skipped, with the reason. */
-const NOT_YET: Partial<Record<BackendStep['op'], string>> = {
-  setDirtyTracking: 'the backend has no IOMMU_HWPT_SET_DIRTY_TRACKING yet',
-  getDirtyBitmap: 'the backend has no IOMMU_HWPT_GET_DIRTY_BITMAP yet',
-};
+/** Ops the backend cannot run yet: their steps are reported as skipped, with the reason. None today. */
+const NOT_YET: Partial<Record<BackendStep['op'], string>> = {};
 
 /** What a step reports besides its outcome, by the fixture key that expects it. */
 type ObservedKey =
@@ -63,7 +61,8 @@ type ObservedKey =
   | 'expectGpas'
   | 'expectRead'
   | 'expectData'
-  | 'expectHandled';
+  | 'expectHandled'
+  | 'expectDirty';
 type Observed = Partial<Record<ObservedKey, unknown>>;
 
 interface DetailSpec {
@@ -113,6 +112,7 @@ const DETAILS: Record<string, DetailSpec> = {
   expectRead: { label: 'read', source: 'expectRead' },
   expectData: { label: 'data', source: 'expectData' },
   expectHandled: { label: 'handled', source: 'expectHandled' },
+  expectDirty: { label: 'dirty', source: 'expectDirty' },
 };
 
 /** Hw info and stats: the fields the fixture gives must match; capability lists in any order. */
@@ -455,8 +455,25 @@ class BackendSession {
       case 'stats':
         return ok({ expectStats: this.host.stats() });
       case 'setDirtyTracking':
-      case 'getDirtyBitmap':
-        throw new ReplayError(`${step.op} cannot run here`);
+        ctx.hwptSetDirtyTracking(this.id(step.hwpt, state), step.enable);
+        return ok();
+      case 'getDirtyBitmap': {
+        const iova = this.value(step.iova, state);
+        const bitmap = ctx.hwptGetDirtyBitmap(this.id(step.hwpt, state), {
+          iova,
+          length: step.length,
+          pageSize: step.pageSize,
+          flags: step.noClear ? HwptGetDirtyBitmapFlag.NO_CLEAR : 0,
+        });
+        // The fixture lists the IOVAs of the dirty pages; bit i of the bitmap is page iova + i * pageSize.
+        const dirty: bigint[] = [];
+        bitmap.forEach((word, w) => {
+          for (let bit = 0; word !== 0n && bit < 64; bit++) {
+            if (((word >> BigInt(bit)) & 1n) !== 0n) dirty.push(iova + BigInt(w * 64 + bit) * step.pageSize);
+          }
+        });
+        return ok({ expectDirty: dirty });
+      }
     }
   }
 }
