@@ -62,6 +62,7 @@ function describeBackend(s: HostSnapshot): string[] {
     const at = d.attachments.find((a) => a.pasid === 0)?.target;
     out.push(`device ${d.id} (${d.name}): ${at === undefined ? 'blocked (no attachment)' : at === 'identity' ? 'identity (bypass)' : `attached to HWPT ${at}`}`);
   }
+  out.push(...ctx.accesses.map((a) => `access ${a.id}: a software consumer (the net device) on IOAS ${a.ioas}`));
   out.push(`pinned guest pages: ${s.stats.pinnedPages}, counted against the memlock limit: ${s.stats.accountedPages}`);
   return out;
 }
