@@ -1,7 +1,9 @@
 import { describe, expect, it } from 'vitest';
 import { Worker } from 'node:worker_threads';
 import { IommufdError, IommufdHost, type PhysicalDeviceSpec } from '../src/ioasid/index.js';
-import { FaultAccess } from '../src/ioasid/fault-queue.js';
+import { FaultAccess, FaultReason } from '../src/ioasid/fault-queue.js';
+import { X86_PAGE_4K } from '../src/pagetable/x86-64.js';
+import { GUEST_RAM, HOST_BASE, USER_RW, nestedGuest } from './support/nested-guest.js';
 import { QuiescenceOwner, QuiescenceWorker, createQuiescenceBuffer } from '../src/ioasid/quiescence.js';
 import { DeviceTableAttachments, Translator } from '../src/ioasid/translator.js';
 import { HwCap, HwptAllocFlag, HwptDirtyTrackingFlag, HwptGetDirtyBitmapFlag, IoasMapFlag, U64_MAX } from '../src/ioasid/uapi.js';
@@ -243,4 +245,38 @@ describe('dirty tracking: IOMMU_HWPT_SET_DIRTY_TRACKING and IOMMU_HWPT_GET_DIRTY
     expect(differing).toEqual([]);
     expect(reported.size).toBeGreaterThan(100);
   }, 20000);
+});
+
+describe('dirty tracking under nested translation', () => {
+  it("a write through a guest stage-1 table dirties the stage-2 page it reached, in the parent's bitmap; table walks dirty nothing", () => {
+    const g = nestedGuest({ dirtyParent: true });
+    g.ctx.hwptSetDirtyTracking(g.parent, true);
+    const VA = 0x40_0000n;
+    const GPA = 0x20_0000;
+    const GPA2 = 0x60_0000;
+    g.builder.map(VA, GPA, X86_PAGE_4K, USER_RW);
+    g.builder.map(VA + 0x1000n, GPA2, X86_PAGE_4K, USER_RW);
+    const bitmapPages = (): bigint[] => {
+      const bits = g.ctx.hwptGetDirtyBitmap(g.parent, { iova: 0n, length: BigInt(GUEST_RAM), pageSize: 0x1000n });
+      const out: bigint[] = [];
+      bits.forEach((word, w) => {
+        for (let b = 0; word !== 0n && b < 64; b++) if ((word >> BigInt(b)) & 1n) out.push(BigInt(w * 64 + b) * 0x1000n);
+      });
+      return out;
+    };
+    // Stage 2 maps guest RAM with 2 MiB leaves: a written page's leaf is dirty as a whole (as the
+    // kernel reports a huge IOPTE), and nothing else — not the table pages the walks read.
+    const leafOf = (gpa: number): bigint[] => Array.from({ length: 512 }, (_, i) => (BigInt(gpa) & ~0x1f_ffffn) + BigInt(i) * 0x1000n);
+    expect(bitmapPages()).toEqual([]);
+    // Owner side: Context.translate.
+    expect(g.ctx.translate(g.dev, 0, VA + 8n, 8, 'write').spans?.[0]?.gpa).toBe(HOST_BASE + GPA + 8);
+    expect(bitmapPages()).toEqual(leafOf(GPA));
+    expect(bitmapPages()).toEqual([]);
+    // A device worker's translator: the page stage 1 led to, in another stage-2 leaf.
+    const { t } = g.translator();
+    expect(t.translate(g.ctx.deviceRow(g.dev), undefined, VA + 0x1000n, 16, FaultAccess.WRITE)).toBe(FaultReason.NONE);
+    expect(t.translate(g.ctx.deviceRow(g.dev), undefined, VA, 16, FaultAccess.READ)).toBe(FaultReason.NONE);
+    expect(bitmapPages()).toEqual(leafOf(GPA2));
+    expect(bitmapPages()).toEqual([]);
+  });
 });

@@ -1589,8 +1589,11 @@ export class Context {
       return;
     }
     const stage1 = readStage1(words, this.rowScratch.header, this.stage1Scratch) ? this.stage1Scratch : undefined;
+    // Stage 2's input is stage 1's output page (the walk that just ran left it in the walker),
+    // not the final page in `leaf`.
+    const walker = this.reader.nestedWalker;
     const s2 = emptyLeafInfo();
-    if (stage1 !== undefined && walk(words, stage1.stage2, leaf.guestPfn, s2)) markLeafDirty(words, stage1.stage2, s2.leafPfn);
+    if (stage1 !== undefined && walker !== undefined && walk(words, stage1.stage2, walker.stage1Pfn, s2)) markLeafDirty(words, stage1.stage2, s2.leafPfn);
   }
 
   /** Cheap counters (no walk of the tables): objects, table memory, device-table rows. */

@@ -92,6 +92,8 @@ export class NestedWalker {
   readonly x86: X86WalkResult;
   /** Guest-physical address stage 2 failed on (after a STAGE2 result). */
   stage2FaultGpa: number;
+  /** After an OK or OUTPUT walk: the guest-physical page stage 1 produced. */
+  stage1Pfn: number;
 
   private readonly stage1: { root: number; levels: 4 | 5; physBits: number; nxe: boolean };
   private readonly s2leaf: LeafInfo;
@@ -104,6 +106,7 @@ export class NestedWalker {
   ) {
     this.x86 = emptyX86WalkResult();
     this.stage2FaultGpa = 0;
+    this.stage1Pfn = 0;
     this.stage1 = { root: 0, levels: 4, physBits: STAGE1_PHYS_BITS, nxe: true };
     this.s2leaf = emptyLeafInfo();
     this.stage2Header = 0;
@@ -140,6 +143,9 @@ export class NestedWalker {
     const code: X86FaultValue = walkX86(s1, iovaPfn, X86_READ, this.readStage2, out);
     if (code === X86Fault.STAGE2) return NestedResult.STAGE2;
     if (code !== X86Fault.NONE) return NestedResult.STAGE1;
+    // The stage-1 output page: stage 2's input, which dirty tracking marks (the combined leaf only
+    // keeps the final page).
+    this.stage1Pfn = Math.floor(out.gpa / PAGE);
     const s1Read = out.user;
     const s1Write = out.user && out.writable;
     const s1Exec = out.user && out.executable;

@@ -268,6 +268,8 @@ export class Translator {
   private declare readonly nested: NestedWalker | undefined;
   /** Stage-2 lookups of nested walks: the IOTLB first, a walk and a fill on a miss. */
   private declare readonly stage2Leaf: LeafInfo;
+  /** markNestedWrite()'s walk. */
+  private declare readonly nestedScratch: LeafInfo;
   /** markDirty()'s walk. */
   private declare readonly dirtyLeaf: LeafInfo;
   private declare nTranslations: number;
@@ -300,6 +302,7 @@ export class Translator {
     this.memoDirty = false;
     this.memoStage1 = emptyStage1View();
     this.stage2Leaf = emptyLeafInfo();
+    this.nestedScratch = emptyLeafInfo();
     this.dirtyLeaf = emptyLeafInfo();
     const memory = options.memory ?? options.attachments.memory;
     this.nested = memory === undefined ? undefined : new NestedWalker(new GuestWords(memory), (header, pfn, leaf) => this.lookupStage2(header, pfn, leaf));
@@ -419,7 +422,7 @@ export class Translator {
       }
       const need = ((access & ACCESS_READ) !== 0 ? NEED_READ : 0) | ((access & ACCESS_WRITES) !== 0 ? NEED_WRITE : 0) | ((access & ACCESS_EXEC) !== 0 ? NEED_EXEC : 0);
       if ((leaf.flags & need) !== need) return this.refuse(leaf.flags, need, deviceSlot, pasid, pfn, offset, length, access);
-      if (this.memoDirty && (access & ACCESS_WRITES) !== 0) this.markStage2Dirty(leaf.guestPfn);
+      if (this.memoDirty && (access & ACCESS_WRITES) !== 0) this.markNestedWrite(pfn);
       const spans = this.spans;
       spans.gpa[0] = leaf.guestPfn * PAGE + offset;
       spans.bytes[0] = length;
@@ -517,7 +520,7 @@ export class Translator {
         if (r !== NestedResult.OK && r !== NestedResult.OUTPUT) return this.fault(r === NestedResult.STAGE2 ? FaultReason.STAGE2 : FaultReason.MAPPING, deviceSlot, pasid, cur, off, length, access);
       }
       if ((leaf.flags & need) !== need) return this.refuse(leaf.flags, need, deviceSlot, pasid, cur, off, length, access);
-      if (this.memoDirty && (access & ACCESS_WRITES) !== 0) this.markStage2Dirty(leaf.guestPfn);
+      if (this.memoDirty && (access & ACCESS_WRITES) !== 0) this.markNestedWrite(cur);
       const leafEnd = leaf.leafPfn + (1 << (leaf.pageShift - SHIFT));
       const chunk = Math.min(left, (leafEnd - cur) * PAGE - off);
       this.spans.push(leaf.guestPfn * PAGE + off, chunk);
@@ -568,6 +571,19 @@ export class Translator {
     const fresh = this.dirtyLeaf;
     const generation = this.tables.generation(header);
     if (this.tables.walk(header, pfn, fresh) && (fresh.flags & DIRTY) !== 0) this.iotlb.insert(header, generation, fresh);
+  }
+
+  /**
+   * A write through a nested attachment while its parent tracks dirty pages. The stage-2 leaf to
+   * mark is the one stage 1 led to (its output GPA), which the IOTLB's combined entry does not
+   * keep: a fresh stage-1 walk finds it. That costs a walk per write, only while tracking is on.
+   * (The combined leaf is never larger than that stage-2 leaf, so one mark covers the chunk.)
+   */
+  private markNestedWrite(iovaPfn: number): void {
+    const walker = this.nested;
+    if (walker === undefined) return;
+    const r = walker.walk(this.memoStage1, iovaPfn, this.nestedScratch);
+    if (r === NestedResult.OK) this.markStage2Dirty(walker.stage1Pfn);
   }
 
   /** Nested: dirty tracking is on the parent (stage 2), so the write dirties the output page's stage-2 leaf. */

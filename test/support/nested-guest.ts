@@ -32,6 +32,8 @@ export interface NestedGuestOptions {
   /** Attach the nested HWPT to the device's RID (default true). */
   readonly attachRid?: boolean;
   readonly quiescence?: boolean;
+  /** Allocate the stage-2 parent with DIRTY_TRACKING (default false). */
+  readonly dirtyParent?: boolean;
 }
 
 export interface NestedGuest {
@@ -55,7 +57,10 @@ export interface NestedGuest {
 
 export function nestedGuest(options: NestedGuestOptions = {}): NestedGuest {
   const memory = GuestMemory.create(HOST_BASE + GUEST_RAM);
-  const host = new IommufdHost(memory, { devices: [{ name: 'dev0', group: 'g0', pasidBits: 20 }], autoReclaim: options.quiescence !== true });
+  const host = new IommufdHost(memory, {
+    devices: [{ name: 'dev0', group: 'g0', pasidBits: 20, ...(options.dirtyParent === true ? { dirtyTracking: true } : {}) }],
+    autoReclaim: options.quiescence !== true,
+  });
   const ctx = host.open();
   const quiescenceBuffer = createQuiescenceBuffer(8);
   const owner = options.quiescence === true ? new QuiescenceOwner(quiescenceBuffer) : undefined;
@@ -63,7 +68,9 @@ export function nestedGuest(options: NestedGuestOptions = {}): NestedGuest {
   const ioas = ctx.ioasAlloc();
   if (options.mapStage2 !== false) ctx.ioasMap(ioas, { gpa: HOST_BASE, length: BigInt(GUEST_RAM), iova: 0n, flags: RW | IoasMapFlag.FIXED_IOVA });
   const dev = ctx.deviceBind('dev0');
-  const parent = ctx.hwptAlloc(dev, ioas, { flags: HwptAllocFlag.NEST_PARENT | HwptAllocFlag.PASID });
+  const parent = ctx.hwptAlloc(dev, ioas, {
+    flags: HwptAllocFlag.NEST_PARENT | HwptAllocFlag.PASID | (options.dirtyParent === true ? HwptAllocFlag.DIRTY_TRACKING : 0),
+  });
   const hostAddress = (gpa: number): number => HOST_BASE + gpa;
   const levels = options.levels ?? 4;
   const builder = new X86PageTableBuilder({
