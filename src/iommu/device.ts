@@ -176,6 +176,9 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
   /** faultKey() of every pending record, for coalescing. */
   private readonly pendingKeys = new Set<string>();
   private readonly counters = { requests: 0, unparsable: 0, faultsReported: 0, faultsDropped: 0, faultsCoalesced: 0, deferredPasses: 0 };
+  private readonly requestBuf = new Uint8Array(MAX_REQUEST_SIZE);
+  private readonly requestView = new DataView(this.requestBuf.buffer);
+  private readonly tailBuf = new Uint8Array(ReqTail.SIZE);
   /** A pass stopped at maxRequestsPerPass with requests left on the queue. */
   private requestsPending = false;
   private readonly maxRequestsPerPass: number;
@@ -424,7 +427,9 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
     this.counters.requests++;
     const reader = new ChainReader(env.memory, chain.readable);
     // The readable part is at most the largest request; anything beyond is ignored.
-    const request = new Uint8Array(Math.min(reader.remaining, MAX_REQUEST_SIZE));
+    // One buffer per device for the request: handlers read fields only after sized() checked the
+    // length, so the bytes past it (left from an earlier request) are never looked at.
+    const request = this.requestBuf.subarray(0, Math.min(reader.remaining, MAX_REQUEST_SIZE));
     reader.read(request);
     const writable = chain.writableLength;
     if (request.length < ReqHead.SIZE || writable < ReqTail.SIZE) {
@@ -433,7 +438,7 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
       this.log.warn({ readable: request.length, writable }, 'request without head or tail: returned unwritten');
       return 0;
     }
-    const view = new DataView(request.buffer);
+    const view = this.requestView;
     const type = readField(view, ReqHead.type);
     let outcome: Outcome;
     let tailOffset = 0;
@@ -496,7 +501,7 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
     this.count(outcome);
     if (outcome === 'NONE') return 0;
     const writer = new ChainWriter(env.memory, chain.writable);
-    const out = new Uint8Array(tailOffset + ReqTail.SIZE);
+    const out = tailOffset === 0 ? this.tailBuf.fill(0) : new Uint8Array(tailOffset + ReqTail.SIZE);
     if (properties !== undefined) out.set(properties);
     // §5.13.6: the device SHOULD set the tail's reserved bytes to zero (they are, in `out`).
     out[tailOffset + ReqTail.status.offset] = outcome;

@@ -26,12 +26,20 @@ export interface DescriptorChain {
  * change afterwards (an IOMMU unmap), the memory's own error (GuestMemoryError, or a fault with a
  * `code`) propagates from the read.
  */
+/**
+ * One scratch word per thread for the typed reads and writes below: each use fills and reads it
+ * within one synchronous call, and a reader or writer per request should not cost two typed-array
+ * allocations it rarely needs.
+ */
+const SCRATCH = new Uint8Array(8);
+const SCRATCH_VIEW = new DataView(SCRATCH.buffer);
+
 export class ChainReader {
   private index = 0;
   private offset = 0;
   private left: number;
-  private readonly scratch = new Uint8Array(8);
-  private readonly scratchView = new DataView(this.scratch.buffer);
+  private readonly scratch = SCRATCH;
+  private readonly scratchView = SCRATCH_VIEW;
 
   constructor(
     private readonly memory: QueueMemory,
@@ -123,8 +131,8 @@ export class ChainWriter {
   private offset = 0;
   private left: number;
   private count = 0;
-  private readonly scratch = new Uint8Array(8);
-  private readonly scratchView = new DataView(this.scratch.buffer);
+  private readonly scratch = SCRATCH;
+  private readonly scratchView = SCRATCH_VIEW;
 
   constructor(
     private readonly memory: QueueMemory,
