@@ -227,6 +227,12 @@ export class MmioTransport implements MmioBus {
     return { ...this.core.snapshot(), mmio: { shmSel: this.shmSel } };
   }
 
+  /** Resumes from snapshot() of a transport of the same device (see TransportCore.restore()). */
+  restore(snapshot: TransportSnapshot & { readonly mmio: { readonly shmSel: number } }): void {
+    this.core.restore(snapshot);
+    this.shmSel = snapshot.mmio.shmSel >>> 0;
+  }
+
   /** virtio 1.2 §4.2.3.3: with NOTIFICATION_DATA the queue index is the low 16 bits of the value. */
   private notifiedQueue(value: number): number {
     return hasFeature(this.core.negotiated, FeatureBit.NOTIFICATION_DATA) ? value & 0xffff : value;

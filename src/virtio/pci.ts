@@ -661,6 +661,16 @@ export class PciTransport implements PciBus {
   snapshot(): PciSnapshot {
     return { ...this.core.snapshot(), pci: { config: this.config.slice() } };
   }
+
+  /** Resumes from snapshot() of a transport of the same device: config space, BAR placement, queues. */
+  restore(snapshot: PciSnapshot): void {
+    if (snapshot.pci.config.length !== this.config.length) throw new RangeError(`config space of ${snapshot.pci.config.length} bytes, this function has ${this.config.length}`);
+    this.core.restore(snapshot);
+    this.config.set(snapshot.pci.config);
+    // The line again, now under the restored command register (INTx disable).
+    this.forwardInterrupt(this.core.interruptStatus);
+    this.updateMapping();
+  }
 }
 
 type CommonFieldName = Exclude<keyof typeof PciCommonCfg, 'SIZE'>;

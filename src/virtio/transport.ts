@@ -561,8 +561,40 @@ export class VirtioTransportCore {
 
   // ---- activation and notifications --------------------------------------------------------------
 
-  /** DRIVER_OK accepted: build the enabled queues and hand the model its environment. */
-  private activate(): void {
+  /**
+   * Resumes from a snapshot of a transport of the same shape (taken with snapshot(), possibly in
+   * another worker): the driver-visible state, the queues continuing from their saved positions,
+   * and the model activated again if it was running. For a fresh or reset transport; the device
+   * model's own state is the model's to restore. A snapshot that does not fit is refused whole
+   * (RangeError) and nothing changes.
+   */
+  restore(snapshot: TransportSnapshot): void {
+    const st = snapshot.state;
+    if (st.queues.length !== this.numQueues || snapshot.queuePositions.length !== this.numQueues) {
+      throw new RangeError(`snapshot has ${st.queues.length} queues, this device ${this.numQueues}`);
+    }
+    st.queues.forEach((q, i) => {
+      if (!Number.isInteger(q.size) || q.size < 0 || q.size > this.maxSizes[i]!) throw new RangeError(`queue ${i}: size ${q.size} beyond the maximum ${this.maxSizes[i]}`);
+      const pos = snapshot.queuePositions[i];
+      if (pos !== null && pos !== undefined && !(Number.isInteger(pos.nextAvail) && Number.isInteger(pos.nextUsed) && pos.nextAvail >= 0 && pos.nextAvail <= 0xffff && pos.nextUsed >= 0 && pos.nextUsed <= 0xffff)) {
+        throw new RangeError(`queue ${i}: position is not a pair of u16 indices`);
+      }
+    });
+    this.epoch++;
+    this.env = undefined;
+    this.live = [];
+    this.liveMemory = undefined;
+    this.state = { ...st, queues: st.queues.map((q) => ({ ...q })) };
+    if (snapshot.active) this.activate(snapshot.queuePositions);
+    // The line as the guest last saw it.
+    this.setInterrupts(this.state.interruptStatus);
+  }
+
+  /**
+   * DRIVER_OK accepted: build the enabled queues and hand the model its environment. With
+   * `positions` (a restore), each queue first continues from its saved position.
+   */
+  private activate(positions?: readonly ({ nextAvail: number; nextUsed: number } | null)[]): void {
     const epoch = this.epoch;
     this.live = new Array<SplitQueue | undefined>(this.numQueues).fill(undefined);
     this.liveMemory = undefined;
@@ -583,6 +615,8 @@ export class VirtioTransportCore {
     };
     this.state.queues.forEach((q, i) => {
       if (q.ready) this.makeLive(i, q);
+      const pos = positions?.[i];
+      if (pos !== null && pos !== undefined) this.live[i]?.restore(pos);
     });
     // A queue that cannot run already failed the device: the model is not started on it.
     if (this.state.status & DeviceStatus.DEVICE_NEEDS_RESET) return;
