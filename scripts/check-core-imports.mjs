@@ -5,7 +5,7 @@ import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { join, relative } from 'node:path';
 
 const root = new URL('..', import.meta.url).pathname;
-const coreDirs = ['src/memory', 'src/virtio', 'src/iommu', 'src/ioasid', 'src/devices', 'src/pagetable', 'src/log/logger.ts'];
+const coreDirs = ['src/memory', 'src/virtio', 'src/iommu', 'src/ioasid', 'src/devices', 'src/pagetable', 'src/migration', 'src/log/logger.ts'];
 const nodeBuiltin = /^(node:|fs$|path$|os$|worker_threads$|child_process$|crypto$|url$|util$|events$|stream$)/;
 const nodeOnlyModules = /(^|\/)(runtime|vmm|cli)\/|log\/pino(\.js)?$|^pino|^comlink/;
 const importRe = /(?:^|\n)\s*(?:import|export)\b[^'"]*?from\s*['"]([^'"]+)['"]|import\(\s*['"]([^'"]+)['"]\s*\)/g;
