@@ -6,9 +6,10 @@
 export { IommuMachine, EndpointHandle, endpointDeviceName } from './vmm/iommu-machine.js';
 export type { EndpointDeclaration, EndpointKind, IommuMachineOptions } from './vmm/iommu-machine.js';
 export { DeviceHandle, DeviceWorkerError } from './vmm/device-handle.js';
-export type { DeviceControl, DeviceLaunch, SpawnDeviceOptions } from './vmm/device-handle.js';
+export type { DeviceControl, DeviceLaunch, MigratableControl, RestoreOf, SpawnDeviceOptions } from './vmm/device-handle.js';
+export type { DeviceModelSpec, DeviceWorkerApi, DeviceWorkerState, DeviceWorkerStats, MmioSnapshot, TransportKind } from './runtime/device-worker-protocol.js';
 export type { IommuWorkerApi, IommuWorkerStats, EndpointSpec } from './runtime/iommu-worker-protocol.js';
-export type { DmaEngineWorkerApi, DmaEngineWorkerStats } from './runtime/dma-engine-protocol.js';
+export type { DmaEngineWorkerApi, DmaEngineWorkerState, DmaEngineWorkerStats } from './runtime/dma-engine-protocol.js';
 export type { DmaRequest, DmaResult, EndpointWorkerApi } from './runtime/endpoint-worker-protocol.js';
 
 // Guest memory
@@ -33,12 +34,17 @@ export type { IommuFeatureName } from './iommu/layout.js';
 // Virtio machinery for other device models
 export { MmioTransport } from './virtio/mmio.js';
 export { PciTransport } from './virtio/pci.js';
-export type { VirtioDeviceModel, DeviceEnvironment, InterruptLine } from './virtio/device.js';
+export type { VirtioDeviceModel, DeviceEnvironment, InterruptLine, MigrationState } from './virtio/device.js';
+export type { TransportSnapshot } from './virtio/transport.js';
+export type { PciSnapshot } from './virtio/pci.js';
 export { SplitQueue } from './virtio/split-queue.js';
 export { DeviceRunner } from './virtio/device-runner.js';
 
 // Consumer devices
 export { DmaEngine, DmaEngineReg, DmaEngineCommand, DmaEngineStatus } from './devices/dma-engine.js';
+export type { DmaEngineState } from './devices/dma-engine.js';
+export type { VirtioNetState } from './devices/virtio-net.js';
+export type { LoopbackState } from './devices/loopback.js';
 
 // Guest fixtures
 export { parseGuestFixture, GUEST_FIXTURE_FORMAT } from './replay/guest-fixture.js';

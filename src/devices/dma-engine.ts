@@ -4,6 +4,7 @@ import type { DmaSpace } from '../memory/dma-space.js';
 import type { InterruptLine } from '../virtio/device.js';
 import { allOnes, isAligned, truncateValue, type AccessSize } from '../virtio/bus.js';
 import { PCI_BAR_MEM_64, PciCommand, PciHeader, PciStatus } from '../virtio/pci.js';
+import { stateArray, stateCount, stateInteger, stateRecord, stateBytes, stateU32 } from '../virtio/saved-state.js';
 
 /**
  * A VFIO-style consumer device: a PCI DMA engine in the spirit of QEMU's `edu` teaching device.
@@ -117,6 +118,30 @@ export interface DmaEngineStats {
 }
 
 const CONFIG_SIZE = 256;
+/** Registers that hold state: ID up to PASS_FAULTS; the rest of BAR 0 reads as zero. */
+const REGISTER_COUNT = DmaEngineReg.PASS_FAULTS / 4 + 1;
+const COUNTER_NAMES = ['commands', 'passes', 'completed', 'faults', 'invalid', 'bytes'] as const satisfies readonly (keyof DmaEngineStats)[];
+
+/**
+ * The engine's state as saveState() gives it: plain data for a migration. The interrupt line is
+ * not stored: it follows from IRQ_STATUS, IRQ_ENABLE and the command register.
+ */
+export type DmaEngineState = {
+  /** PCI configuration space (256 bytes). */
+  readonly config: Uint8Array;
+  /** BAR 0 registers from ID (0x00) to PASS_FAULTS (0x48), one u32 each. */
+  readonly registers: readonly number[];
+  readonly counters: { readonly [K in keyof DmaEngineStats]: number };
+  /** The repeating transfer in progress (STATUS reads BUSY), which the restored engine continues. */
+  readonly repeating: {
+    readonly op: number;
+    readonly src: number;
+    readonly dst: number;
+    readonly length: number;
+    /** The PASID its DMA carries, or null. */
+    readonly pasid: number | null;
+  } | null;
+};
 
 interface Transfer {
   readonly op: number;
@@ -374,5 +399,81 @@ export class DmaEngine {
 
   stats(): DmaEngineStats {
     return { ...this.counters };
+  }
+
+  // ---- saved state --------------------------------------------------------------------------
+
+  saveState(): DmaEngineState {
+    const t = this.repeating;
+    return {
+      config: this.config.slice(),
+      registers: Array.from(this.regs.subarray(0, REGISTER_COUNT)),
+      counters: { ...this.counters },
+      repeating: t === undefined ? null : { op: t.op, src: t.src, dst: t.dst, length: t.length, pasid: t.pasid ?? null },
+    };
+  }
+
+  /**
+   * Takes state from saveState() of an engine with the same capabilities, possibly saved in another
+   * worker; a repeating transfer then goes on from its next pass. The state may be hostile: one
+   * that does not fit is refused whole (RangeError or TypeError naming the field) and nothing
+   * changes.
+   */
+  restoreState(state: unknown): void {
+    const s = stateRecord(state, 'dma-engine', ['config', 'registers', 'counters', 'repeating']);
+    const config = stateBytes(s.config, 'dma-engine.config', CONFIG_SIZE);
+    // Only the bits the guest can write may differ from a function just reset; the status
+    // register is computed on every read.
+    const fresh = new DmaEngine({ spaceFor: this.options.spaceFor, irq: { set: () => undefined }, ...(this.options.pasidCapable !== undefined ? { pasidCapable: this.options.pasidCapable } : {}) });
+    for (let i = 0; i < CONFIG_SIZE; i++) {
+      if (i === PciHeader.status.offset || i === PciHeader.status.offset + 1) continue;
+      const readOnly = ~fresh.writeMask[i]! & 0xff;
+      if ((config[i]! & readOnly) !== (fresh.config[i]! & readOnly)) {
+        throw new RangeError(`dma-engine.config[0x${i.toString(16)}] = 0x${config[i]!.toString(16)} changes read-only bits of this function`);
+      }
+    }
+    const list = stateArray(s.registers, 'dma-engine.registers', REGISTER_COUNT);
+    if (list.length !== REGISTER_COUNT) throw new RangeError(`dma-engine.registers must hold ${REGISTER_COUNT} registers, got ${list.length}`);
+    const regs = list.map((v, i) => stateU32(v, `dma-engine.registers[0x${(i * 4).toString(16)}]`));
+    const reg = (offset: number): number => regs[offset / 4]!;
+    const name = (offset: number): string => `dma-engine.registers[0x${offset.toString(16)}]`;
+    for (const offset of [DmaEngineReg.ID, DmaEngineReg.CAPS]) {
+      if (reg(offset) !== fresh.regs[offset / 4]) throw new RangeError(`${name(offset)} = 0x${reg(offset).toString(16)}, this function has 0x${fresh.regs[offset / 4]!.toString(16)}`);
+    }
+    const causes = DmaEngineIrq.DONE | DmaEngineIrq.ERROR;
+    for (const offset of [DmaEngineReg.IRQ_STATUS, DmaEngineReg.IRQ_ENABLE]) {
+      if ((reg(offset) & ~causes) !== 0) throw new RangeError(`${name(offset)} = 0x${reg(offset).toString(16)} has bits beyond DONE and ERROR`);
+    }
+    // IRQ_ACK is write-only: a write clears IRQ_STATUS bits and nothing is stored.
+    if (reg(DmaEngineReg.IRQ_ACK) !== 0) throw new RangeError(`${name(DmaEngineReg.IRQ_ACK)} must be 0, got ${reg(DmaEngineReg.IRQ_ACK)}`);
+    const status = stateInteger(reg(DmaEngineReg.STATUS), name(DmaEngineReg.STATUS), DmaEngineStatus.IDLE, DmaEngineStatus.BUSY);
+    const c = stateRecord(s.counters, 'dma-engine.counters', COUNTER_NAMES);
+    const counters = {} as { -readonly [K in keyof DmaEngineStats]: number };
+    for (const counter of COUNTER_NAMES) counters[counter] = stateCount(c[counter], `dma-engine.counters.${counter}`);
+    let repeating: Transfer | undefined;
+    if (s.repeating !== null) {
+      const t = stateRecord(s.repeating, 'dma-engine.repeating', ['op', 'src', 'dst', 'length', 'pasid']);
+      const op = stateInteger(t.op, 'dma-engine.repeating.op', DmaEngineCommand.COPY, DmaEngineCommand.FILL);
+      // Addresses come from two u32 halves, so below 2^64; those past 2^53 fault in transfer().
+      const src = stateInteger(t.src, 'dma-engine.repeating.src', 0, 2 ** 64 - 1);
+      const dst = stateInteger(t.dst, 'dma-engine.repeating.dst', 0, 2 ** 64 - 1);
+      const length = stateInteger(t.length, 'dma-engine.repeating.length', 1, DMA_ENGINE_MAX_LENGTH);
+      let pasid: number | undefined;
+      if (t.pasid !== null) {
+        pasid = stateInteger(t.pasid, 'dma-engine.repeating.pasid', 0, DmaEnginePasid.MASK);
+        if (this.options.pasidCapable !== true) throw new RangeError('dma-engine.repeating.pasid: this function has no PASID support');
+      }
+      repeating = { op, src, dst, length, pasid };
+    }
+    // STATUS reads BUSY exactly while a repeating transfer runs (a refused command sets it then too).
+    if ((status === DmaEngineStatus.BUSY) !== (repeating !== undefined)) {
+      throw new RangeError(`${name(DmaEngineReg.STATUS)} = ${status} does not fit dma-engine.repeating (${repeating === undefined ? 'none' : 'running'})`);
+    }
+    this.config.set(config);
+    this.regs.fill(0);
+    this.regs.set(regs);
+    Object.assign(this.counters, counters);
+    this.repeating = repeating;
+    this.updateIrq();
   }
 }

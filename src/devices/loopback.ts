@@ -1,5 +1,6 @@
 import { FeatureBit, featureMask } from '../virtio/constants.js';
 import type { DeviceEnvironment, VirtioDeviceModel } from '../virtio/device.js';
+import { stateCount, stateRecord, stateU32 } from '../virtio/saved-state.js';
 import { ChainReader, ChainWriter, QueueError } from '../virtio/split-queue.js';
 
 /**
@@ -17,6 +18,13 @@ export const LoopbackConfig = {
   scratch: { offset: 4, size: 4 },
   SIZE: 8,
 } as const;
+
+/** The loopback device's own state (its config space), as saveState() gives it. */
+export type LoopbackState = {
+  /** Chains served since reset; config shows the low 32 bits. */
+  readonly served: number;
+  readonly scratch: number;
+};
 
 export interface LoopbackOptions {
   readonly queueSize?: number;
@@ -95,5 +103,17 @@ export class LoopbackDevice implements VirtioDeviceModel {
     this.env = undefined;
     this.served = 0;
     this.scratch = 0;
+  }
+
+  saveState(): LoopbackState {
+    return { served: this.served, scratch: this.scratch };
+  }
+
+  restoreState(state: unknown): void {
+    const s = stateRecord(state, 'loopback', ['served', 'scratch']);
+    const served = stateCount(s.served, 'loopback.served');
+    const scratch = stateU32(s.scratch, 'loopback.scratch');
+    this.served = served;
+    this.scratch = scratch;
   }
 }

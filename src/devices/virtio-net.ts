@@ -4,6 +4,7 @@ import type { GpaSpan, TranslatingDmaSpace } from '../memory/dma-space.js';
 import { formatAddress } from '../memory/errors.js';
 import { DeviceType, FeatureBit, featureMask, hasFeature } from '../virtio/constants.js';
 import type { DeviceEnvironment, VirtioDeviceModel } from '../virtio/device.js';
+import { stateArray, stateBoolean, stateBytes, stateCount, stateInteger, stateRecord, stateU32 } from '../virtio/saved-state.js';
 import { QueueError, type BufferSegment, type DescriptorChain } from '../virtio/split-queue.js';
 
 /*
@@ -108,6 +109,58 @@ export interface VirtioNetStats {
 
 type Delivery = 'delivered' | 'dropped' | 'no-buffer' | 'broken';
 
+type NetCounters = Omit<VirtioNetStats, 'backlog'>;
+const COUNTER_NAMES = [
+  'txPackets',
+  'txBytes',
+  'rxPackets',
+  'rxBytes',
+  'txMalformed',
+  'rxMalformed',
+  'dropsNoRxBuffer',
+  'dropsRxTooSmall',
+  'txFaults',
+  'rxFaults',
+] as const satisfies readonly (keyof NetCounters)[];
+
+/** A descriptor chain as saved state: the buffers it names, in the device's address space. */
+export type SavedChain = {
+  readonly head: number;
+  readonly readable: readonly { readonly addr: number; readonly len: number }[];
+  readonly writable: readonly { readonly addr: number; readonly len: number }[];
+};
+
+/**
+ * virtio-net's own state beyond its transport's, as saveState() gives it. Translation state is not
+ * part of it: the destination gets its device-table row and shared tables in its start message.
+ */
+export type VirtioNetState = {
+  /** Config space: the MAC and the status field (always LINK_UP on this cable). */
+  readonly mac: Uint8Array;
+  readonly status: number;
+  /** Saved behind an IOMMU or not: ACCESS_PLATFORM was offered by that, so it must match. */
+  readonly behindIommu: boolean;
+  /** The device had asked for a reset and does nothing until it gets one. */
+  readonly failed: boolean;
+  readonly counters: { readonly [K in keyof NetCounters]: number };
+  /** Frames on the cable waiting for a receive buffer, oldest first. */
+  readonly backlog: readonly Uint8Array[];
+  /** A receive chain taken from the ring and kept for the next frame (it was too small for the last). */
+  readonly heldRx: SavedChain | null;
+};
+
+/** A split queue has at most 32768 entries (virtio 1.2 §2.7), an indirect table no more descriptors. */
+const MAX_QUEUE_SIZE = 32768;
+const STATE_FIELDS = ['mac', 'status', 'behindIommu', 'failed', 'counters', 'backlog', 'heldRx'] as const;
+
+function readSegments(value: unknown, path: string): { addr: number; len: number }[] {
+  // A chain walks at most its table plus one indirect table (virtio 1.2 §2.7.5.3.1).
+  return stateArray(value, path, 2 * MAX_QUEUE_SIZE).map((entry, i) => {
+    const seg = stateRecord(entry, `${path}[${i}]`, ['addr', 'len']);
+    return { addr: stateInteger(seg.addr, `${path}[${i}].addr`, 0, Number.MAX_SAFE_INTEGER), len: stateU32(seg.len, `${path}[${i}].len`) };
+  });
+}
+
 function checkMac(mac: readonly number[]): Uint8Array {
   if (mac.length !== 6 || mac.some((b) => !Number.isInteger(b) || b < 0 || b > 0xff)) {
     throw new RangeError(`a MAC address is six bytes, got [${mac.join(', ')}]`);
@@ -153,7 +206,7 @@ export class VirtioNetDevice implements VirtioDeviceModel {
   private heldRx: DescriptorChain | undefined;
   /** Reused per receive chain. */
   private readonly spans: GpaSpan[] = [];
-  private readonly counters: Omit<VirtioNetStats, 'backlog'> = {
+  private readonly counters: NetCounters = {
     txPackets: 0,
     txBytes: 0,
     rxPackets: 0,
@@ -234,6 +287,66 @@ export class VirtioNetDevice implements VirtioDeviceModel {
 
   stats(): VirtioNetStats {
     return { ...this.counters, backlog: this.backlog.length };
+  }
+
+  // ---- saved state -------------------------------------------------------------------------------
+
+  saveState(): VirtioNetState {
+    const held = this.heldRx;
+    return {
+      mac: this.mac.slice(),
+      status: NET_S_LINK_UP,
+      behindIommu: this.behindIommu,
+      failed: this.failed,
+      counters: { ...this.counters },
+      backlog: this.backlog.map((frame) => frame.slice()),
+      heldRx:
+        held === undefined
+          ? null
+          : {
+              head: held.head,
+              readable: held.readable.map(({ addr, len }) => ({ addr, len })),
+              writable: held.writable.map(({ addr, len }) => ({ addr, len })),
+            },
+    };
+  }
+
+  restoreState(state: unknown): void {
+    const s = stateRecord(state, 'virtio-net', STATE_FIELDS);
+    const mac = stateBytes(s.mac, 'virtio-net.mac', 6);
+    // Bit 0 of the first octet marks a group address, which no interface may own.
+    if ((mac[0]! & 1) !== 0) throw new RangeError('virtio-net.mac must be a unicast address');
+    // The only status this cable has: the link is always up.
+    if (stateU32(s.status, 'virtio-net.status') !== NET_S_LINK_UP) throw new RangeError(`virtio-net.status must be LINK_UP (${NET_S_LINK_UP}), got ${String(s.status)}`);
+    const behindIommu = stateBoolean(s.behindIommu, 'virtio-net.behindIommu');
+    if (behindIommu !== this.behindIommu) {
+      throw new RangeError(`virtio-net.behindIommu: the state was saved ${behindIommu ? 'behind' : 'without'} an IOMMU, this device is ${this.behindIommu ? 'behind' : 'without'} one`);
+    }
+    const failed = stateBoolean(s.failed, 'virtio-net.failed');
+    const c = stateRecord(s.counters, 'virtio-net.counters', COUNTER_NAMES);
+    const counters = {} as NetCounters;
+    for (const name of COUNTER_NAMES) counters[name] = stateCount(c[name], `virtio-net.counters.${name}`);
+    const backlog = stateArray(s.backlog, 'virtio-net.backlog', this.backlogLimit).map((frame, i) =>
+      stateBytes(frame, `virtio-net.backlog[${i}]`, ETH_HEADER_SIZE, MAX_FRAME_SIZE),
+    );
+    let heldRx: DescriptorChain | undefined;
+    if (s.heldRx !== null) {
+      const h = stateRecord(s.heldRx, 'virtio-net.heldRx', ['head', 'readable', 'writable']);
+      const head = stateInteger(h.head, 'virtio-net.heldRx.head', 0, MAX_QUEUE_SIZE - 1);
+      const readable = readSegments(h.readable, 'virtio-net.heldRx.readable');
+      const writable = readSegments(h.writable, 'virtio-net.heldRx.writable');
+      const length = (segments: readonly { len: number }[]): number => segments.reduce((sum, seg) => sum + seg.len, 0);
+      // virtio 1.2 §2.7.5.2: a chain totals at most 2^32 - 1 bytes (the used len is a u32).
+      if (length(readable) + length(writable) > 0xffff_ffff) throw new RangeError('virtio-net.heldRx is longer than 2^32 - 1 bytes');
+      // Only a chain with room for a packet is ever held; a smaller one is returned at once.
+      if (length(writable) < NetHeader.SIZE + ETH_HEADER_SIZE) throw new RangeError(`virtio-net.heldRx.writable holds ${length(writable)} bytes, less than any packet`);
+      heldRx = { head, readable, writable, readableLength: length(readable), writableLength: length(writable) };
+    }
+    this.mac.set(mac);
+    this.failed = failed;
+    Object.assign(this.counters, counters);
+    this.backlog = backlog;
+    this.heldRx = heldRx;
   }
 
   // ---- transmit ----------------------------------------------------------------------------------

@@ -13,15 +13,18 @@ import type { VirtioDeviceModel } from '../virtio/device.js';
 import { DeviceRunner, type RunnerTarget } from '../virtio/device-runner.js';
 import type { MailboxAccess } from '../virtio/mailbox.js';
 import { MmioTransport } from '../virtio/mmio.js';
-import { PciTransport } from '../virtio/pci.js';
-import { ControlRequest, DeviceSignal, MailboxOp, SignalInterruptLine, WorkerState, postControl } from '../virtio/signals.js';
+import { PciTransport, type PciSnapshot } from '../virtio/pci.js';
+import { stateBoolean, stateRecord } from '../virtio/saved-state.js';
+import { ControlRequest, DeviceSignal, MailboxOp, SignalInterruptLine, WorkerState, postControl, ringDoorbell } from '../virtio/signals.js';
 import { exposeOn } from './comlink.js';
 import type {
   DeviceIommuSpec,
   DeviceModelSpec,
   DeviceWorkerApi,
   DeviceWorkerStart,
+  DeviceWorkerState,
   DeviceWorkerStats,
+  MmioSnapshot,
   VirtioNetSpecOptions,
 } from './device-worker-protocol.js';
 
@@ -92,6 +95,33 @@ function hostVirtioNet(options: VirtioNetSpecOptions, memory: GuestMemory, log: 
 
 type Transport = MmioTransport | PciTransport;
 
+/**
+ * Applies a saved worker state to a model and transport just built: the model's own state first,
+ * then the transport, which activates the model at the saved queue positions. Throws (naming the
+ * field) when the state does not fit this worker.
+ */
+export function restoreDevice(saved: unknown, start: Pick<DeviceWorkerStart, 'model' | 'transport'>, model: VirtioDeviceModel, transport: Transport): void {
+  const r = stateRecord(saved, 'restore', ['modelKind', 'transportKind', 'transport', 'model']);
+  if (r.modelKind !== start.model.kind) throw new RangeError(`restore.modelKind is ${String(r.modelKind)}, this worker hosts ${start.model.kind}`);
+  if (r.transportKind !== start.transport) throw new RangeError(`restore.transportKind is ${String(r.transportKind)}, this worker serves virtio-${start.transport}`);
+  // The transport checks its snapshot's contents; its outline is checked here so a stray value
+  // is refused with a field name rather than a TypeError from deep inside.
+  const t = stateRecord(r.transport, 'restore.transport', ['state', 'active', 'queuePositions', transport instanceof MmioTransport ? 'mmio' : 'pci']);
+  const st = stateRecord(t.state, 'restore.transport.state', Object.keys(transport.snapshot().state));
+  if (!Array.isArray(st.queues)) throw new TypeError('restore.transport.state.queues must be an array');
+  if (!Array.isArray(t.queuePositions)) throw new TypeError('restore.transport.queuePositions must be an array');
+  stateBoolean(t.active, 'restore.transport.active');
+  if (model.restoreState !== undefined) model.restoreState(r.model);
+  else if (r.model !== null) throw new TypeError('restore.model must be null: this device keeps no state of its own');
+  if (transport instanceof MmioTransport) {
+    stateRecord(t.mmio, 'restore.transport.mmio', ['shmSel']);
+    transport.restore(r.transport as MmioSnapshot);
+  } else {
+    stateRecord(t.pci, 'restore.transport.pci', ['config']);
+    transport.restore(r.transport as PciSnapshot);
+  }
+}
+
 /** Routes mailbox accesses to the transport's register decoders. */
 export function transportTarget(transport: Transport, log: Logger): RunnerTarget {
   return {
@@ -138,6 +168,22 @@ export function runDeviceWorker(start: DeviceWorkerStart, port: MessagePort): vo
   const irq = new SignalInterruptLine(signals);
   const options = { irq, log, ...(hosted.queueMemory !== undefined ? { queueMemory: hosted.queueMemory } : {}) };
   const transport: Transport = start.transport === 'mmio' ? new MmioTransport(model, memory, options) : new PciTransport(model, memory, options);
+  if (start.restore !== undefined) {
+    try {
+      restoreDevice(start.restore, start, model, transport);
+    } catch (err) {
+      // No half-restored device: the start fails, and the quiescence slot is given back.
+      hosted.close?.();
+      throw new Error(`restore refused: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+    }
+    // The source may have been paused with a doorbell not yet served, and its bits stay behind in
+    // the source's signal block: every live queue counts as notified once (a spurious
+    // notification is harmless, virtio 1.2 §2.7.7.1 lets the device look at the ring any time).
+    transport.snapshot().queuePositions.forEach((position, index) => {
+      if (position !== null) ringDoorbell(signals, index);
+    });
+    log.info({ status: transport.stats().status }, 'device restored from saved state');
+  }
   const runner = new DeviceRunner(start.signals, transportTarget(transport, log), {
     log,
     ...(start.maxSpinMicros !== undefined ? { maxSpinMicros: start.maxSpinMicros } : {}),
@@ -166,6 +212,15 @@ export function runDeviceWorker(start: DeviceWorkerStart, port: MessagePort): vo
       postControl(signals, ControlRequest.STOP);
       await running;
       hosted.close?.();
+    },
+    pause: () => runner.pause(),
+    resume: () => runner.resume(),
+    saveState(): DeviceWorkerState {
+      if (!runner.paused) throw new Error(`device ${start.name}: saveState() needs a paused device: call pause() first`);
+      const saved = model.saveState?.() ?? null;
+      return transport instanceof MmioTransport
+        ? { modelKind: start.model.kind, transportKind: 'mmio', transport: transport.snapshot(), model: saved }
+        : { modelKind: start.model.kind, transportKind: 'pci', transport: transport.snapshot(), model: saved };
     },
   };
   exposeOn(api, port);

@@ -1,6 +1,9 @@
 import type { GuestMemoryDescriptor } from '../memory/index.js';
 import type { LoopbackOptions } from '../devices/loopback.js';
 import type { SharedTranslation } from '../ioasid/index.js';
+import type { MigrationState } from '../virtio/device.js';
+import type { MmioTransport } from '../virtio/mmio.js';
+import type { PciSnapshot } from '../virtio/pci.js';
 
 export type TransportKind = 'mmio' | 'pci';
 
@@ -42,6 +45,17 @@ export type DeviceModelSpec =
   | { readonly kind: 'loopback'; readonly options?: LoopbackOptions }
   | { readonly kind: 'virtio-net'; readonly options?: VirtioNetSpecOptions };
 
+export type MmioSnapshot = ReturnType<MmioTransport['snapshot']>;
+
+/**
+ * A paused device worker's state (saveState()), plain data: what a worker started with it as
+ * `restore` needs to go on where this one stopped. It carries no translation (device-table rows,
+ * shared buffers): the destination's start message brings its own.
+ */
+export type DeviceWorkerState =
+  | { readonly modelKind: DeviceModelSpec['kind']; readonly transportKind: 'mmio'; readonly transport: MmioSnapshot; readonly model: MigrationState | null }
+  | { readonly modelKind: DeviceModelSpec['kind']; readonly transportKind: 'pci'; readonly transport: PciSnapshot; readonly model: MigrationState | null };
+
 /** The one start message a device worker receives (as workerData). */
 export interface DeviceWorkerStart {
   readonly name: string;
@@ -51,6 +65,12 @@ export interface DeviceWorkerStart {
   /** The device's signal block (src/virtio/signals.ts). */
   readonly signals: SharedArrayBuffer;
   readonly maxSpinMicros?: number;
+  /**
+   * Start from a paused worker's saveState() instead of a device just reset: the model takes its
+   * state, the transport resumes (queues at their saved positions), and every live queue is
+   * treated as notified once. A state that does not fit fails the start.
+   */
+  readonly restore?: DeviceWorkerState;
 }
 
 export interface DeviceWorkerStats {
@@ -71,4 +91,13 @@ export interface DeviceWorkerApi {
   reset(): void;
   /** Stops serving; resolves when the worker loop has exited. */
   stop(): Promise<void>;
+  /**
+   * Stops taking work and resolves once the device does none: no register access, doorbell or
+   * DMA in progress. Doorbells and register accesses that arrive meanwhile wait.
+   */
+  pause(): Promise<void>;
+  /** Serves again after pause(), starting with what arrived meanwhile. */
+  resume(): void;
+  /** The device's state, for a worker started with `restore`. Only while paused (throws otherwise). */
+  saveState(): DeviceWorkerState;
 }

@@ -10,7 +10,7 @@ import { DeviceRunner } from '../virtio/device-runner.js';
 import type { MailboxAccess } from '../virtio/mailbox.js';
 import { ControlRequest, DeviceSignal, MailboxOp, SignalInterruptLine, WorkerState, postControl } from '../virtio/signals.js';
 import { exposeOn } from './comlink.js';
-import type { DmaEngineWorkerApi, DmaEngineWorkerStart } from './dma-engine-protocol.js';
+import type { DmaEngineWorkerApi, DmaEngineWorkerStart, DmaEngineWorkerState } from './dma-engine-protocol.js';
 
 /**
  * Body of a DMA-engine worker: the engine's registers served through the mailbox (a register
@@ -22,10 +22,11 @@ export function runDmaEngineWorker(start: DmaEngineWorkerStart, port: MessagePor
   const signals = new Int32Array(start.signals);
   const memory = GuestMemory.fromDescriptor(start.memory);
   const t = start.translation;
+  const quiescence = QuiescenceWorker.register(t.quiescence, threadId);
   const translator = new Translator({
     pool: t.shared.pool.buffer,
     attachments: new DeviceTableAttachments(t.shared),
-    quiescence: QuiescenceWorker.register(t.quiescence, threadId),
+    quiescence,
     faults: new FaultProducer(t.faults, new Int32Array(t.iommuSignals), DeviceSignal.WAKE),
   });
   const spaces = new Map<number, TranslatorDmaSpace>();
@@ -41,6 +42,18 @@ export function runDmaEngineWorker(start: DmaEngineWorkerStart, port: MessagePor
     ...(start.pasidCapable !== undefined ? { pasidCapable: start.pasidCapable } : {}),
     log,
   });
+  if (start.restore !== undefined) {
+    try {
+      const saved = start.restore as unknown;
+      if (typeof saved !== 'object' || saved === null || !Object.hasOwn(saved, 'engine')) throw new TypeError('restore.engine is missing');
+      engine.restoreState((saved as { engine: unknown }).engine);
+    } catch (err) {
+      // No half-restored engine: the start fails, and the quiescence slot is given back.
+      quiescence.unregister();
+      throw new Error(`restore refused: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+    }
+    log.info({ repeating: engine.saveState().repeating !== null }, 'DMA engine restored from saved state');
+  }
   const runner = new DeviceRunner(
     start.signals,
     {
@@ -91,6 +104,15 @@ export function runDmaEngineWorker(start: DmaEngineWorkerStart, port: MessagePor
     async stop(): Promise<void> {
       postControl(signals, ControlRequest.STOP);
       await running;
+      // No DMA after the loop ends: the slot goes back, as a migrated-away engine's must.
+      quiescence.unregister();
+    },
+    // A repeating transfer runs in the runner's poll, one pass per turn: parked, it is suspended.
+    pause: () => runner.pause(),
+    resume: () => runner.resume(),
+    saveState(): DmaEngineWorkerState {
+      if (!runner.paused) throw new Error(`DMA engine ${start.name}: saveState() needs a paused engine: call pause() first`);
+      return { engine: engine.saveState() };
     },
   };
   exposeOn(api, port);

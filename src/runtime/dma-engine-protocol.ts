@@ -1,6 +1,6 @@
 import type { SharedTranslation } from '../ioasid/index.js';
 import type { TranslatorStats } from '../ioasid/translator.js';
-import type { DmaEngineStats } from '../devices/dma-engine.js';
+import type { DmaEngineState, DmaEngineStats } from '../devices/dma-engine.js';
 import type { GuestMemoryDescriptor } from '../memory/index.js';
 
 /** How a consumer device worker reaches its translation: plain data from the iommu worker. */
@@ -16,6 +16,11 @@ export interface ConsumerTranslation {
   readonly iommuSignals: SharedArrayBuffer;
 }
 
+/** A paused DMA-engine worker's state (saveState()), plain data; no translation in it. */
+export type DmaEngineWorkerState = {
+  readonly engine: DmaEngineState;
+};
+
 /** The one start message of a DMA-engine worker. */
 export interface DmaEngineWorkerStart {
   readonly name: string;
@@ -27,6 +32,11 @@ export interface DmaEngineWorkerStart {
   /** Rest between passes of a repeating transfer, in microseconds (default 50; 0: none). */
   readonly repeatGapMicros?: number;
   readonly maxSpinMicros?: number;
+  /**
+   * Start from a paused worker's saveState(): registers, counters and a repeating transfer, which
+   * goes on from its next pass. A state that does not fit fails the start.
+   */
+  readonly restore?: DmaEngineWorkerState;
 }
 
 export interface DmaEngineWorkerStats {
@@ -42,4 +52,13 @@ export interface DmaEngineWorkerApi {
   /** Function-level reset, as the VMM does on a machine reset. */
   reset(): void;
   stop(): Promise<void>;
+  /**
+   * Stops serving and resolves once the engine does nothing: no register access served half-way,
+   * a repeating transfer suspended between passes, no DMA in flight.
+   */
+  pause(): Promise<void>;
+  /** Serves again after pause(); a suspended repeating transfer continues. */
+  resume(): void;
+  /** The engine's state, for a worker started with `restore`. Only while paused (throws otherwise). */
+  saveState(): DmaEngineWorkerState;
 }

@@ -35,6 +35,11 @@ export class DeviceRunner {
   private readonly maxSpinMs: number;
   private spinMs: number;
   private stopped = false;
+  /** Asked to pause: the loop parks at its next turn, between steps. */
+  private pauseRequested = false;
+  /** Parked: the loop takes no step until resume(). */
+  private parked = false;
+  private pauseWaiters: (() => void)[] = [];
 
   constructor(
     signalBuffer: SharedArrayBuffer,
@@ -73,12 +78,50 @@ export class DeviceRunner {
     return worked;
   }
 
-  /** Serves until a STOP control request arrives. */
+  /** Whether the loop is parked by pause() (and not resumed since). */
+  get paused(): boolean {
+    return this.parked;
+  }
+
+  /**
+   * Stops taking steps and resolves once the loop is parked between two of them, so the device
+   * does no more work: no register access, doorbell or poll is served half-way and no DMA is in
+   * flight. What arrives meanwhile stays pending in the signal block (doorbell bits, a posted
+   * register access, control requests other than STOP) for resume() or a restored device.
+   * Resolves at once when already paused or stopped.
+   */
+  pause(): Promise<void> {
+    if (this.parked || this.stopped) return Promise.resolve();
+    this.pauseRequested = true;
+    return new Promise<void>((resolve) => {
+      this.pauseWaiters.push(resolve);
+      // Wakes a spinning or sleeping loop; a loop that is yielding sees the request at its next turn.
+      Atomics.add(this.signals, DeviceSignal.WAKE, 1);
+      Atomics.notify(this.signals, DeviceSignal.WAKE);
+    });
+  }
+
+  /** Takes steps again after pause(), starting with whatever became pending meanwhile. */
+  resume(): void {
+    if (!this.pauseRequested && !this.parked) return;
+    this.pauseRequested = false;
+    Atomics.add(this.signals, DeviceSignal.WAKE, 1);
+    Atomics.notify(this.signals, DeviceSignal.WAKE);
+    // A pause() still waiting for the loop to park has nothing to wait for any more.
+    for (const resolve of this.pauseWaiters.splice(0)) resolve();
+  }
+
+  /** Serves until a STOP control request arrives; pause() parks it in between. */
   async run(): Promise<void> {
     const s = this.signals;
     Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.RUNNING);
     let busySince = performance.now();
     while (!this.stopped) {
+      if (this.pauseRequested) {
+        await this.park();
+        busySince = performance.now();
+        continue;
+      }
       const wake = Atomics.load(s, DeviceSignal.WAKE);
       if (this.step()) {
         // A device that always has work (a flood of requests, a DMA engine repeating a transfer)
@@ -100,7 +143,33 @@ export class DeviceRunner {
       Atomics.add(s, DeviceSignal.STAT_WAKEUPS, 1);
       this.adapt(performance.now() - sleptAt);
     }
+    this.parked = false;
+    for (const resolve of this.pauseWaiters.splice(0)) resolve();
     Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.STOPPED);
+  }
+
+  /**
+   * Waits, taking no step, until resume() or a STOP request. Only STOP is taken from the control
+   * word; doorbell bits and the mailbox are left for later.
+   */
+  private async park(): Promise<void> {
+    const s = this.signals;
+    this.parked = true;
+    Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.PAUSED);
+    for (const resolve of this.pauseWaiters.splice(0)) resolve();
+    while (this.pauseRequested) {
+      // The wake word first: postControl() sets the request before it bumps the word, so a STOP
+      // that lands after the check below still ends the wait.
+      const wake = Atomics.load(s, DeviceSignal.WAKE);
+      if ((Atomics.and(s, DeviceSignal.CONTROL, ~ControlRequest.STOP) & ControlRequest.STOP) !== 0) {
+        this.stopped = true;
+        break;
+      }
+      const waited = Atomics.waitAsync(s, DeviceSignal.WAKE, wake);
+      if (waited.async) await waited.value;
+    }
+    this.parked = false;
+    if (!this.stopped) Atomics.store(s, DeviceSignal.WORKER_STATE, WorkerState.RUNNING);
   }
 
   /** Busy-waits for the wake word to move within the current budget. */

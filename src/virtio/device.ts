@@ -1,5 +1,6 @@
 import type { GuestMemory } from '../memory/index.js';
 import type { Logger } from '../log/logger.js';
+import type { PlainValue } from '../migration/image.js';
 import type { SplitQueue } from './split-queue.js';
 
 /**
@@ -37,6 +38,20 @@ export interface VirtioDeviceModel {
   notify(queueIndex: number): void;
   /** Device reset (status written 0, or the host resets the device): drop all driver-visible state. */
   reset(): void;
+
+  /**
+   * The model's own state beyond what its transport holds (config, counters, work taken from the
+   * rings but not finished), as plain data. Called only while the device does no work (its worker
+   * is paused). Optional: a model without state of its own leaves it out.
+   */
+  saveState?(): MigrationState;
+  /**
+   * Takes state from saveState() of a model of the same kind and configuration, possibly saved in
+   * another worker. Called on a fresh model before the transport's restore() activates it. The
+   * state may be hostile: a value that does not fit is refused whole (RangeError or TypeError
+   * naming the field) and the model is left as it was.
+   */
+  restoreState?(state: unknown): void;
 }
 
 /** What a device model gets from its transport when it is activated. */
@@ -72,3 +87,9 @@ export const InterruptCause = {
   USED_BUFFER: 1,
   CONFIG_CHANGE: 2,
 } as const;
+
+/**
+ * A value that can cross to another machine as saved device state: plain data only, no undefined
+ * values, Maps or class instances besides Uint8Array (the migration image's PlainValue).
+ */
+export type MigrationState = PlainValue;

@@ -189,9 +189,9 @@ export interface PciTransportOptions extends TransportOptions {
   readonly onBarMapping?: (bar: number, address: number | undefined) => void;
 }
 
-export interface PciSnapshot extends TransportSnapshot {
+export type PciSnapshot = TransportSnapshot & {
   readonly pci: { readonly config: Uint8Array };
-}
+};
 
 /**
  * virtio-pci modern (non-transitional), device side (virtio 1.2 §4.1): a configuration space with

@@ -46,6 +46,8 @@ export const WorkerState = {
   SLEEPING: 2,
   STOPPED: 3,
   CRASHED: 4,
+  /** Parked by DeviceRunner.pause(): doorbells and register accesses wait for resume. */
+  PAUSED: 5,
 } as const;
 
 export const ControlRequest = {

@@ -55,7 +55,7 @@ const STATUS_STEPS: readonly { bit: number; needs: number }[] = [
 export type QueueArea = 'desc' | 'driver' | 'device';
 
 /** Driver-programmed configuration of one virtqueue. 64-bit addresses are kept as exact 32-bit halves. */
-export interface QueueState {
+export type QueueState = {
   /** Entries the driver chose; starts at the device maximum (0 for a queue that does not exist). */
   size: number;
   ready: boolean;
@@ -65,13 +65,13 @@ export interface QueueState {
   driverHi: number;
   deviceLo: number;
   deviceHi: number;
-}
+};
 
 /**
  * Everything driver-visible about the transport, as plain data (bigints included): what a saved
  * machine needs, together with each live queue's position (see snapshot()).
  */
-export interface TransportState {
+export type TransportState = {
   status: number;
   deviceFeatureSelect: number;
   driverFeatureSelect: number;
@@ -89,15 +89,15 @@ export interface TransportState {
   configGeneration: number;
   /** A device-initiated change was counted in configGeneration and the driver has not read config since. */
   configChangeUnread: boolean;
-}
+};
 
-export interface TransportSnapshot {
+export type TransportSnapshot = {
   readonly state: TransportState;
   /** Whether the model was activated (DRIVER_OK accepted) and not reset since. */
   readonly active: boolean;
   /** Position of each live queue, null for queues not live. */
   readonly queuePositions: readonly ({ nextAvail: number; nextUsed: number } | null)[];
-}
+};
 
 export interface TransportStats {
   status: number;

@@ -1,7 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import type { GuestMemory } from '../memory/index.js';
 import { releaseRemote, wrapPort, type Remote } from '../runtime/comlink.js';
-import type { DeviceModelSpec, DeviceWorkerApi, DeviceWorkerStart, TransportKind } from '../runtime/device-worker-protocol.js';
+import type { DeviceModelSpec, DeviceWorkerApi, DeviceWorkerStart, DeviceWorkerState, TransportKind } from '../runtime/device-worker-protocol.js';
 import { workerUrl } from '../runtime/worker-url.js';
 import type { MmioBus, PciBus } from '../virtio/bus.js';
 import { MmioBusClient, PciBusClient } from '../virtio/bus-client.js';
@@ -19,6 +19,12 @@ export interface SpawnDeviceOptions {
   readonly maxSpinMicros?: number;
   /** How long a register access may wait for the worker (default 10 s). */
   readonly accessTimeoutMs?: number;
+  /**
+   * Start from another worker's saveState() (taken while it was paused) instead of a device just
+   * reset. `model` and `transport` must be those the state was saved with; a state that does not
+   * fit fails the spawn (DeviceWorkerError saying why).
+   */
+  readonly restore?: DeviceWorkerState;
 }
 
 /** Failure of a device worker, reported to whoever holds its handle. */
@@ -39,6 +45,16 @@ export interface DeviceControl {
   stop(): Promise<void>;
 }
 
+/** A device worker that can be paused and saved for a migration (the device worker, the DMA engine's). */
+export interface MigratableControl<State> extends DeviceControl {
+  pause(): Promise<void>;
+  resume(): void;
+  saveState(): State;
+}
+
+/** The `restore` field a start message takes, if any. */
+export type RestoreOf<Start> = Start extends { readonly restore?: infer State } ? State : never;
+
 /** A worker entry point in workers/ hosting one virtio device, and its start message. */
 export interface DeviceLaunch<Start> {
   /** Worker entry name (workers/NAME.ts, run from dist/). */
@@ -50,6 +66,8 @@ export interface DeviceLaunch<Start> {
   /** Queues the model has, for the PCI client's doorbell window (default 8). */
   readonly queues?: number;
   readonly accessTimeoutMs?: number;
+  /** Put into the start message as `restore` (the same as giving it there). */
+  readonly restore?: RestoreOf<Start>;
 }
 
 /**
@@ -61,6 +79,7 @@ export class DeviceHandle<Api extends DeviceControl = DeviceWorkerApi> {
   /** The worker's failure, once it has failed. */
   failure: DeviceWorkerError | undefined;
   private exited = false;
+  private closing: Promise<void> | undefined;
 
   private constructor(
     readonly name: string,
@@ -94,6 +113,7 @@ export class DeviceHandle<Api extends DeviceControl = DeviceWorkerApi> {
       memory: options.memory.describe(),
       signals: createSignalBuffer(),
       ...(options.maxSpinMicros !== undefined ? { maxSpinMicros: options.maxSpinMicros } : {}),
+      ...(options.restore !== undefined ? { restore: options.restore } : {}),
     };
     return DeviceHandle.launch<DeviceWorkerApi, DeviceWorkerStart>({
       entry: 'device-worker',
@@ -108,7 +128,8 @@ export class DeviceHandle<Api extends DeviceControl = DeviceWorkerApi> {
   /** Any device worker entry: starts it, wires its bus and interrupts, waits until it answers. */
   static async launch<Api extends DeviceControl, Start>(options: DeviceLaunch<Start>): Promise<DeviceHandle<Api>> {
     const { signals } = options.start;
-    const worker = new Worker(workerUrl(options.entry), { workerData: options.start, name: `viommu:${options.name}` });
+    const workerData = options.restore !== undefined ? { ...options.start, restore: options.restore } : options.start;
+    const worker = new Worker(workerUrl(options.entry), { workerData, name: `viommu:${options.name}` });
     const control = wrapPort<Api>(worker);
     const clientOptions = options.accessTimeoutMs !== undefined ? { timeoutMs: options.accessTimeoutMs } : {};
     const bus =
@@ -130,13 +151,38 @@ export class DeviceHandle<Api extends DeviceControl = DeviceWorkerApi> {
     return handle;
   }
 
+  /**
+   * Pauses the device for a migration: resolves once it does no more work (no register access,
+   * doorbell, repeating transfer or DMA in progress). Register accesses made meanwhile wait for
+   * resume(); doorbells stay pending.
+   */
+  async pause<State>(this: DeviceHandle<MigratableControl<State>>): Promise<void> {
+    await (this.control as Remote<MigratableControl<State>>).pause();
+  }
+
+  /** Serves again after pause(). */
+  async resume<State>(this: DeviceHandle<MigratableControl<State>>): Promise<void> {
+    await (this.control as Remote<MigratableControl<State>>).resume();
+  }
+
+  /** The paused device's state, for a new worker's `restore`. Rejects unless paused. */
+  async saveState<State>(this: DeviceHandle<MigratableControl<State>>): Promise<State> {
+    return (await (this.control as Remote<MigratableControl<State>>).saveState()) as State;
+  }
+
   /** Rings queue `index`'s doorbell directly (what a QueueNotify write does). */
   ringDoorbell(index: number): void {
     ringDoorbell(new Int32Array(this.signals), index);
   }
 
   /** Stops the device loop and ends the worker. Safe to call twice and after a crash. */
-  async close(): Promise<void> {
+  close(): Promise<void> {
+    // A migrated device is closed by whoever switched away from it and again by its owner.
+    this.closing ??= this.shutDown();
+    return this.closing;
+  }
+
+  private async shutDown(): Promise<void> {
     if (!this.exited && this.failure === undefined) {
       let timer: ReturnType<typeof setTimeout> | undefined;
       try {
