@@ -21,6 +21,8 @@ export interface PinSlice {
 export interface AccessPin {
   readonly iova: bigint;
   readonly length: bigint;
+  /** AccessRwFlag bits the pin was taken with (kept so a saved context pins the same way again). */
+  readonly flags: number;
   readonly slices: readonly PinSlice[];
 }
 

@@ -4,9 +4,9 @@ import { EntryFlag, MAX_IOVA_PFN, PAGE_SIZE, PAGE_SIZE_N } from '../pagetable/fo
 import { TablePool, type TablePoolDescriptor } from '../pagetable/pool.js';
 import { IoPageTable } from '../pagetable/radix.js';
 import { emptyLeafInfo, markLeafDirty, walk, type LeafInfo } from '../pagetable/walk.js';
-import { bumpDirtyGeneration, readAndClearDirty } from './dirty.js';
+import { bumpDirtyGeneration, dirtyRuns, markDirtyRun, readAndClearDirty } from './dirty.js';
 import { Access, type AccessOps, type PinSlice } from './access.js';
-import { BoundDevice, IGroup, type Attachment, type AttachTarget, type IovaRange } from './device.js';
+import { BoundDevice, IGroup, type Attachment, type AttachTarget, type IovaRange, type PhysicalDevice } from './device.js';
 import {
   AttachKind,
   DeviceRowFlag,
@@ -47,7 +47,17 @@ import {
   VtdInvalidateFlag,
   VtdS1Flag,
 } from './uapi.js';
-import { decodeVtdS1, encodeVtdHwInfo, vtdHwInfo } from './vtd.js';
+import {
+  CONTEXT_STATE_VERSION,
+  bindOrder,
+  firstDifference,
+  parseContextState,
+  type ContextState,
+  type HwptState,
+  type IoasState,
+  type RestoreDevice,
+} from './state.js';
+import { decodeVtdS1, encodeVtdHwInfo, encodeVtdS1, vtdHwInfo } from './vtd.js';
 import { flagsArg, gpaArg, pasidArg, u32Arg, u64Arg } from './validate.js';
 
 type AnyObject = Ioas | Hwpt | BoundDevice | Access;
@@ -83,6 +93,14 @@ export interface HwptInvalidateEntry {
   readonly flags: number;
   /** __reserved: must be 0. */
   readonly reserved?: number;
+}
+
+export interface RestoreOptions {
+  /**
+   * The callbacks of the consumer behind each restored access (by access ID). Without them a
+   * restored access unpins whatever an unmap covers.
+   */
+  readonly accessOps?: (accessId: number) => AccessOps;
 }
 
 export interface OptionArgs {
@@ -254,6 +272,9 @@ export class Context {
   /** Device workers' DMA brackets: set once workers translate from this context's tables. */
   private quiescence: QuiescenceOwner | undefined;
   private quiescenceTimeoutMs = 1000;
+  /** restoreState: the ID the next object takes, and every object restore created, in order. */
+  private restoreId: number | undefined;
+  private restoreLog: AnyObject[] | undefined;
 
   constructor(
     private readonly host: IommufdHost,
@@ -329,6 +350,15 @@ export class Context {
     this.deviceTable.reclaim();
   }
 
+  /** Stores a new object at the lowest free ID, or at the saved ID while restoreState rebuilds it. */
+  private addObject<U extends AnyObject>(make: (id: number) => U): U {
+    const at = this.restoreId;
+    this.restoreId = undefined;
+    const obj = at === undefined ? this.objects.add(make) : this.objects.addAt(at, make);
+    this.restoreLog?.push(obj);
+    return obj;
+  }
+
   private lookup(id: unknown, argument: string): AnyObject {
     const n = u32Arg(id, argument);
     const obj = this.objects.get(n);
@@ -378,7 +408,7 @@ export class Context {
       this.checkIdSpace();
       // iommufd_object_alloc: failing to allocate the table is -ENOMEM.
       if (!this.pool.ensure(IoPageTable.CREATE_TABLES)) throw new IommufdError('ENOMEM', 'page-table pool exhausted');
-      return this.objects.add((id) => new Ioas(id, this.pool, this.host.pins)).id;
+      return this.addObject((id) => new Ioas(id, this.pool, this.host.pins)).id;
     });
   }
 
@@ -591,47 +621,54 @@ export class Context {
    * HWPT whose stage 1 is the guest's x86-64 table and whose stage 2 is the parent. Returns the ID.
    */
   hwptAlloc(devId: number, ptId: number, args: HwptAllocArgs = {}): number {
-    return this.run('hwptAlloc', () => {
-      const flags = flagsArg(args.flags ?? 0, 0xffffffff);
-      const dataType = u32Arg(args.dataType ?? HwptDataType.NONE, 'dataType');
-      if (args.data !== undefined && !(args.data instanceof Uint8Array)) throw new IommufdError('EINVAL', 'data must be a Uint8Array', 'data');
-      const dataLen = args.data?.length ?? 0;
-      // iommufd_hwpt_alloc: data_type and data_len must both be given or both be absent.
-      if ((dataType === HwptDataType.NONE) !== (dataLen === 0)) {
-        throw new IommufdError('EINVAL', 'dataType and data must be given together', 'dataType');
+    return this.run('hwptAlloc', () => this.allocHwpt(() => this.getDevice(devId).phys, ptId, args));
+  }
+
+  /**
+   * IOMMU_HWPT_ALLOC for the physical device `device()` returns (looked up where the ioctl looks
+   * up dev_id). Restore passes a device of the state or of the host, bound or not: the device only
+   * decides whether DIRTY_TRACKING is possible.
+   */
+  private allocHwpt(device: () => PhysicalDevice | undefined, ptId: number, args: HwptAllocArgs): number {
+    const flags = flagsArg(args.flags ?? 0, 0xffffffff);
+    const dataType = u32Arg(args.dataType ?? HwptDataType.NONE, 'dataType');
+    if (args.data !== undefined && !(args.data instanceof Uint8Array)) throw new IommufdError('EINVAL', 'data must be a Uint8Array', 'data');
+    const dataLen = args.data?.length ?? 0;
+    // iommufd_hwpt_alloc: data_type and data_len must both be given or both be absent.
+    if ((dataType === HwptDataType.NONE) !== (dataLen === 0)) {
+      throw new IommufdError('EINVAL', 'dataType and data must be given together', 'dataType');
+    }
+    const phys = device();
+    const pt = this.objects.get(u32Arg(ptId, 'ptId'));
+    // iommufd_hwpt_alloc: an unknown pt_id is -EINVAL.
+    if (pt === undefined) throw new IommufdError('EINVAL', `no object with ID ${ptId}`, 'ptId');
+    if (pt.type === 'IOAS') {
+      const valid = HwptAllocFlag.NEST_PARENT | HwptAllocFlag.DIRTY_TRACKING | HwptAllocFlag.PASID;
+      // iommufd_hwpt_paging_alloc: unknown flags are -EOPNOTSUPP (fault queues are not emulated).
+      if ((flags & ~valid) !== 0) throw new IommufdError('EOPNOTSUPP', `unsupported HWPT flags 0x${(flags & ~valid).toString(16)}`, 'flags');
+      // domain_alloc_paging_flags: this IOMMU takes no driver data for a paging domain.
+      if (dataLen !== 0) throw new IommufdError('EOPNOTSUPP', `data type ${dataType} is not supported for a paging HWPT`, 'dataType');
+      // iommufd_hwpt_paging_alloc: DIRTY_TRACKING on a device without the capability is -EOPNOTSUPP.
+      if ((flags & HwptAllocFlag.DIRTY_TRACKING) !== 0 && phys?.dirtyTracking !== true) {
+        throw new IommufdError('EOPNOTSUPP', `device '${phys?.name ?? '(none)'}' cannot track dirty pages`, 'flags');
       }
-      const dev = this.getDevice(devId);
-      const pt = this.objects.get(u32Arg(ptId, 'ptId'));
-      // iommufd_hwpt_alloc: an unknown pt_id is -EINVAL.
-      if (pt === undefined) throw new IommufdError('EINVAL', `no object with ID ${ptId}`, 'ptId');
-      if (pt.type === 'IOAS') {
-        const valid = HwptAllocFlag.NEST_PARENT | HwptAllocFlag.DIRTY_TRACKING | HwptAllocFlag.PASID;
-        // iommufd_hwpt_paging_alloc: unknown flags are -EOPNOTSUPP (fault queues are not emulated).
-        if ((flags & ~valid) !== 0) throw new IommufdError('EOPNOTSUPP', `unsupported HWPT flags 0x${(flags & ~valid).toString(16)}`, 'flags');
-        // domain_alloc_paging_flags: this IOMMU takes no driver data for a paging domain.
-        if (dataLen !== 0) throw new IommufdError('EOPNOTSUPP', `data type ${dataType} is not supported for a paging HWPT`, 'dataType');
-        // iommufd_hwpt_paging_alloc: DIRTY_TRACKING on a device without the capability is -EOPNOTSUPP.
-        if ((flags & HwptAllocFlag.DIRTY_TRACKING) !== 0 && !dev.phys.dirtyTracking) {
-          throw new IommufdError('EOPNOTSUPP', `device '${dev.phys.name}' cannot track dirty pages`, 'flags');
-        }
-        this.checkIdSpace();
-        return this.newHwpt(pt, false, flags).id;
+      this.checkIdSpace();
+      return this.newHwpt(pt, false, flags).id;
+    }
+    if (pt.type === 'HWPT_PAGING') {
+      // iommufd_hwpt_nested_alloc: only FAULT_ID_VALID / PASID flags, and stage-1 data is required.
+      if ((flags & ~(HwptAllocFlag.FAULT_ID_VALID | HwptAllocFlag.PASID)) !== 0 || dataLen === 0) {
+        throw new IommufdError('EOPNOTSUPP', 'a nested HWPT takes stage-1 data and only the PASID flag', 'flags');
       }
-      if (pt.type === 'HWPT_PAGING') {
-        // iommufd_hwpt_nested_alloc: only FAULT_ID_VALID / PASID flags, and stage-1 data is required.
-        if ((flags & ~(HwptAllocFlag.FAULT_ID_VALID | HwptAllocFlag.PASID)) !== 0 || dataLen === 0) {
-          throw new IommufdError('EOPNOTSUPP', 'a nested HWPT takes stage-1 data and only the PASID flag', 'flags');
-        }
-        // iommufd_hwpt_nested_alloc: the parent must be a manually allocated NEST_PARENT HWPT.
-        if (pt.auto || !pt.nestParent) throw new IommufdError('EINVAL', `HWPT ${pt.id} is not a nesting parent`, 'ptId');
-        // Fault objects (IOMMU_FAULT_QUEUE_ALLOC) are not emulated, so no fault_id can be valid.
-        if ((flags & HwptAllocFlag.FAULT_ID_VALID) !== 0) throw new IommufdError('EOPNOTSUPP', 'fault queues are not supported', 'flags');
-        this.checkIdSpace();
-        return this.newNestedHwpt(pt, flags, dataType, args.data!).id;
-      }
-      // iommufd_hwpt_alloc: any other object type is -EINVAL.
-      throw new IommufdError('EINVAL', `object ${pt.id} (${pt.type}) cannot parent a HWPT`, 'ptId');
-    });
+      // iommufd_hwpt_nested_alloc: the parent must be a manually allocated NEST_PARENT HWPT.
+      if (pt.auto || !pt.nestParent) throw new IommufdError('EINVAL', `HWPT ${pt.id} is not a nesting parent`, 'ptId');
+      // Fault objects (IOMMU_FAULT_QUEUE_ALLOC) are not emulated, so no fault_id can be valid.
+      if ((flags & HwptAllocFlag.FAULT_ID_VALID) !== 0) throw new IommufdError('EOPNOTSUPP', 'fault queues are not supported', 'flags');
+      this.checkIdSpace();
+      return this.newNestedHwpt(pt, flags, dataType, args.data!).id;
+    }
+    // iommufd_hwpt_alloc: any other object type is -EINVAL.
+    throw new IommufdError('EINVAL', `object ${pt.id} (${pt.type}) cannot parent a HWPT`, 'ptId');
   }
 
   /** The driver half of IOMMU_HWPT_ALLOC for a nested HWPT: intel_iommu_domain_alloc_nested. */
@@ -668,7 +705,7 @@ export class Context {
     if (root >= 1n << 52n) throw new IommufdError('EINVAL', `stage-1 table at 0x${root.toString(16)} is beyond 52 bits`, 'data');
     // Allocation of the shared stage-1 record: -ENOMEM when the pool is full.
     if (!this.pool.ensure(1)) throw new IommufdError('ENOMEM', 'page-table pool exhausted', 'data');
-    const hwpt = this.objects.add((id) => {
+    const hwpt = this.addObject((id) => {
       const record = createStage1Record(this.pool, {
         root: Number(root),
         levels: s1.addrWidth === VTD_ADDR_WIDTH_5LEVEL ? 5 : 4,
@@ -690,7 +727,7 @@ export class Context {
   }
 
   private newHwpt(ioas: Ioas, auto: boolean, flags: number): HwptPaging {
-    const hwpt = this.objects.add(
+    const hwpt = this.addObject(
       (id) =>
         new HwptPaging(
           id,
@@ -739,7 +776,7 @@ export class Context {
       // Allocation failures of the device object are -ENOMEM.
       if (!this.deviceTable.canAlloc(1 + pasids.length) || !this.pool.ensure(tables)) throw new IommufdError('ENOMEM', 'device table full', 'name');
       this.groups.set(group.key, group);
-      const dev = this.objects.add((id) => new BoundDevice(id, phys, group, this.deviceTable.alloc(id, 0)));
+      const dev = this.addObject((id) => new BoundDevice(id, phys, group, this.deviceTable.alloc(id, 0)));
       group.devices.add(dev);
       this.host.claimGroup(this, phys.group);
       // The group may already translate (another of its devices is attached): follow it.
@@ -1239,7 +1276,7 @@ export class Context {
       }
       const ioas = this.getIoas(ioasId);
       this.checkIdSpace();
-      const access = this.objects.add((id) => new Access(id, ioas, ops));
+      const access = this.addObject((id) => new Access(id, ioas, ops));
       ioas.accesses.add(access);
       return access.id;
     });
@@ -1288,7 +1325,7 @@ export class Context {
         access.ioas.areaPins.set(s.areaStart, (access.ioas.areaPins.get(s.areaStart) ?? 0) + 1);
         for (let i = 0; i < s.pages; i++) out.push((s.guestPfn + i) * PAGE_SIZE);
       }
-      access.pins.push({ iova: start, length: len, slices });
+      access.pins.push({ iova: start, length: len, flags: f, slices });
       return out;
     });
   }
@@ -1476,6 +1513,291 @@ export class Context {
 
   get closed(): boolean {
     return this.isClosed;
+  }
+
+  // ---- save and restore ----
+
+  /**
+   * The context's complete logical state as plain data, for live migration (state.ts has the
+   * format). Consumer rows (consumerRowAlloc) are not part of it: they belong to the VMM's worker
+   * threads, and the VMM allocates them again for its workers on the destination.
+   */
+  saveState(): ContextState {
+    return this.run('saveState', () => this.captureState());
+  }
+
+  private captureState(): ContextState {
+    const ioas: IoasState[] = [];
+    const hwpts: HwptState[] = [];
+    const devices: ContextState['devices'][number][] = [];
+    const accesses: ContextState['accesses'][number][] = [];
+    for (const o of this.objects.list()) {
+      switch (o.type) {
+        case 'IOAS':
+          ioas.push({
+            id: o.id,
+            hugePages: o.hugePages,
+            levels: o.table.levelCount,
+            allowed: o.allowed.map((r) => ({ start: r.start, last: r.last })),
+            areas: o.listAreas().map(([start, pages, guestPfn, perms]) => ({
+              iova: iovaOf(start),
+              length: iovaOf(pages),
+              gpa: guestPfn * PAGE_SIZE,
+              readable: (perms & EntryFlag.READ) !== 0,
+              writeable: (perms & EntryFlag.WRITE) !== 0,
+              huge: o.hasHugeLeaf(start, pages),
+            })),
+            dirty: dirtyRuns(o.table).map(([start, pages]) => ({ iova: iovaOf(start), length: iovaOf(pages) })),
+          });
+          break;
+        case 'HWPT_PAGING':
+          hwpts.push({ type: 'HWPT_PAGING', id: o.id, ioas: o.ioas.id, flags: o.flags, auto: o.auto, dirtyTracking: o.dirtyEnabled });
+          break;
+        case 'HWPT_NESTED':
+          hwpts.push({
+            type: 'HWPT_NESTED',
+            id: o.id,
+            parent: o.parent.id,
+            flags: o.flags,
+            dataType: o.dataType,
+            data: encodeVtdS1(BigInt(o.root), o.addrWidth === VTD_ADDR_WIDTH_5LEVEL ? 57 : 48, o.vtdFlags),
+          });
+          break;
+        case 'DEVICE':
+          devices.push({
+            id: o.id,
+            name: o.phys.name,
+            attachments: [...o.igroup.attachments]
+              .filter(([, a]) => a.devices.has(o))
+              .map(([pasid, a]) => ({ pasid, target: targetId(a.target) }))
+              .sort((a, b) => a.pasid - b.pasid),
+          });
+          break;
+        case 'ACCESS':
+          accesses.push({ id: o.id, ioas: o.ioas.id, pins: o.pins.map((p) => ({ iova: p.iova, length: p.length, flags: p.flags })) });
+          break;
+      }
+    }
+    return { version: CONTEXT_STATE_VERSION, rlimitMode: this.rlimitMode, nextObjectId: this.objects.peek(), ioas, hwpts, devices, accesses };
+  }
+
+  /**
+   * Rebuilds a saved context (saveState, possibly on another host) in this one, which must have no
+   * objects (EBUSY). The host must declare the same physical devices and the guest memory must have
+   * the same layout. The state is treated as hostile: its shape is checked (EINVAL naming the field),
+   * then every object is rebuilt through the context's own operations, at its saved ID, so their
+   * checks apply; a failure keeps the operation's errno and names the object. Any failure undoes
+   * everything: the context is empty again, and pins and group ownership are as before.
+   *
+   * Access callbacks cannot be saved: `accessOps(id)` gives each restored access its consumer's;
+   * without it a restored access unpins whatever an unmap covers.
+   */
+  restoreState(state: unknown, options: RestoreOptions = {}): void {
+    let unwound = false;
+    try {
+      this.run('restoreState', () => {
+        // Like IOMMU_OPTION_RLIMIT_MODE, only a context without objects can take a whole state.
+        if (this.objects.size > 0) throw new IommufdError('EBUSY', 'restoreState needs a context without objects', 'state');
+        if (typeof options !== 'object' || options === null || (options.accessOps !== undefined && typeof options.accessOps !== 'function')) {
+          throw new IommufdError('EINVAL', 'options.accessOps must be a function', 'options');
+        }
+        let parsed: ContextState;
+        try {
+          parsed = parseContextState(state);
+        } catch (e) {
+          if (e instanceof IommufdError) throw e;
+          throw new IommufdError('EINVAL', `state: unreadable (${String(e)})`, 'state');
+        }
+        const rlimitMode = this.rlimitMode;
+        this.restoreLog = [];
+        try {
+          this.rebuild(parsed, options);
+        } catch (e) {
+          this.unwindRestore(rlimitMode);
+          unwound = true;
+          throw e;
+        } finally {
+          this.restoreLog = undefined;
+          this.restoreId = undefined;
+        }
+      });
+    } finally {
+      // Rows were written and released again: no worker may keep translating through them.
+      if (unwound && this.quiescence !== undefined) this.settle(true);
+    }
+  }
+
+  /** Creates a parsed state's objects in dependency order, whatever their IDs. */
+  private rebuild(s: ContextState, options: RestoreOptions): void {
+    // The operation's errno, with the part of the state that failed in the message and argument.
+    const step = <T>(field: string, fn: () => T): T => {
+      try {
+        return fn();
+      } catch (e) {
+        if (!(e instanceof IommufdError)) throw e;
+        throw new IommufdError(e.code, `${field}: ${e.message.slice(e.code.length + 2)}`, field, e.details);
+      }
+    };
+    const at = <T>(id: number, field: string, fn: () => T): T =>
+      step(field, () => {
+        this.restoreId = id;
+        try {
+          return fn();
+        } finally {
+          this.restoreId = undefined;
+        }
+      });
+    const invalid = (field: string, message: string): never => {
+      throw new IommufdError('EINVAL', `${field}: ${message}`, field);
+    };
+    const flag = (on: boolean) => (on ? 1 : 0);
+
+    if (s.rlimitMode !== this.rlimitMode) {
+      step('rlimitMode', () => this.option({ option: IommuOption.RLIMIT_MODE, op: IommuOptionOp.SET, value: s.rlimitMode }));
+    }
+
+    // IOASes first: everything else refers to them. Areas go in before any HWPT exists, so
+    // HUGE_PAGES can be set per area, as each was mapped.
+    s.ioas.forEach((st, i) => {
+      const f = `ioas[${i}]`;
+      at(st.id, f, () => this.ioasAlloc());
+      const ioas = this.getIoas(st.id);
+      step(`${f}.levels`, () => ioas.growLevels(st.levels));
+      step(`${f}.allowed`, () => this.ioasAllowIovas(st.id, st.allowed));
+      st.areas.forEach((a, j) => {
+        const af = `${f}.areas[${j}]`;
+        step(af, () => {
+          if (ioas.hugePages !== a.huge) this.option({ option: IommuOption.HUGE_PAGES, op: IommuOptionOp.SET, objectId: st.id, value: flag(a.huge) });
+          const perms = (a.readable ? IoasMapFlag.READABLE : 0) | (a.writeable ? IoasMapFlag.WRITEABLE : 0);
+          this.ioasMap(st.id, { gpa: a.gpa, length: a.length, iova: a.iova, flags: IoasMapFlag.FIXED_IOVA | perms });
+        });
+        if (a.huge && !ioas.hasHugeLeaf(pfnOf(a.iova), pfnOf(a.length))) invalid(`${af}.huge`, 'IOVA, GPA and length do not allow a huge leaf');
+      });
+      if (ioas.hugePages !== st.hugePages) {
+        step(`${f}.hugePages`, () => this.option({ option: IommuOption.HUGE_PAGES, op: IommuOptionOp.SET, objectId: st.id, value: flag(st.hugePages) }));
+      }
+    });
+
+    // Paging HWPTs, then nested ones on them. hwptAlloc only asks its device whether it can track
+    // dirty pages, and the device that allocated a HWPT may be gone: any device of the state, or
+    // else of the host, that can answer for the flags will do; attaching checks each device again.
+    const known = s.devices.map((d) => this.host.findDevice(d.name)).filter((p): p is PhysicalDevice => p !== undefined);
+    const candidates = [...known, ...this.host.physicalDevices()];
+    s.hwpts.forEach((h, i) => {
+      if (h.type !== 'HWPT_PAGING') return;
+      const f = `hwpts[${i}]`;
+      if (h.auto) {
+        // iommufd_device_auto_get_domain's HWPT, at its saved ID; its attachments follow.
+        at(h.id, f, () => {
+          this.checkIdSpace();
+          return this.newHwpt(this.getIoas(h.ioas, 'ioas'), true, 0);
+        });
+        return;
+      }
+      const dirty = (h.flags & HwptAllocFlag.DIRTY_TRACKING) !== 0;
+      const phys = candidates.find((p) => !dirty || p.dirtyTracking);
+      at(h.id, f, () => this.allocHwpt(() => phys, h.ioas, { flags: h.flags }));
+    });
+    s.hwpts.forEach((h, i) => {
+      if (h.type !== 'HWPT_NESTED') return;
+      at(h.id, `hwpts[${i}]`, () => this.allocHwpt(() => candidates[0], h.parent, { flags: h.flags, dataType: h.dataType, data: h.data }));
+    });
+
+    // Devices, group by group, each bound and attached in an order the group-wide checks accept.
+    const groups = new Map<string, RestoreDevice[]>();
+    s.devices.forEach((d, index) => {
+      const phys = this.host.findDevice(d.name);
+      // An unknown device gets a group of its own; deviceBind answers ENODEV for it.
+      const key = phys === undefined ? `\0${d.name}` : phys.group;
+      const group = groups.get(key) ?? [];
+      group.push({ index, state: d, phys });
+      groups.set(key, group);
+    });
+    const dirtyTarget = (t: number | 'identity'): boolean => {
+      const h = t === 'identity' ? undefined : this.objects.get(t);
+      const paging = h?.type === 'HWPT_PAGING' ? h : h?.type === 'HWPT_NESTED' ? h.parent : undefined;
+      return paging?.dirtyTracking === true;
+    };
+    for (const group of groups.values()) {
+      for (const d of bindOrder(group, dirtyTarget)) {
+        const f = `devices[${d.index}]`;
+        at(d.state.id, f, () => this.deviceBind(d.state.name));
+        d.state.attachments.forEach((a, j) => {
+          step(`${f}.attachments[${j}]`, () => {
+            if (a.target === 'identity') this.deviceSetBypass(d.state.id, a.pasid);
+            else this.deviceAttach(d.state.id, a.target, a.pasid);
+          });
+        });
+      }
+    }
+
+    s.accesses.forEach((a, i) => {
+      const f = `accesses[${i}]`;
+      let self: Access | undefined;
+      const ops = options.accessOps?.(a.id) ?? this.unpinningOps(() => self);
+      at(a.id, f, () => this.accessCreate(a.ioas, ops));
+      self = this.getAccess(a.id);
+      a.pins.forEach((p, j) => step(`${f}.pins[${j}]`, () => this.accessPin(a.id, p.iova, p.length, p.flags)));
+    });
+
+    // Tracking on before the dirty bits: enabling clears the IOAS's bits for a clean start.
+    s.hwpts.forEach((h, i) => {
+      if (h.type === 'HWPT_PAGING' && h.dirtyTracking) step(`hwpts[${i}].dirtyTracking`, () => this.hwptSetDirtyTracking(h.id, true));
+    });
+    s.ioas.forEach((st, i) => {
+      const ioas = this.getIoas(st.id);
+      st.dirty.forEach((d, j) => {
+        if (!markDirtyRun(ioas.table, this.pool.words, pfnOf(d.iova), pfnOf(d.iova + d.length - 1n))) {
+          invalid(`ioas[${i}].dirty[${j}]`, 'not a run of whole mapped leaves');
+        }
+      });
+    });
+
+    // What was built must save as what was given; anything else is a state no context can be in
+    // (levels below what the areas need, dirty runs split, ...).
+    const diff = firstDifference(this.captureState(), s);
+    if (diff !== undefined) invalid(diff, 'does not come back as saved: no context can be in this state');
+  }
+
+  /** A restored access's callbacks until its consumer brings its own: an unmap unpins what it covers. */
+  private unpinningOps(self: () => Access | undefined): AccessOps {
+    return {
+      onUnmap: (iova, length) => {
+        const access = self();
+        if (access === undefined || this.objects.get(access.id) !== access) return;
+        for (const p of [...access.pins]) if (p.iova < iova + length && iova < p.iova + p.length) this.accessUnpin(access.id, p.iova, p.length);
+      },
+    };
+  }
+
+  /** Undoes a failed restore: every object it created goes, newest first, and RLIMIT_MODE returns. */
+  private unwindRestore(rlimitMode: number): void {
+    for (const obj of [...(this.restoreLog ?? [])].reverse()) {
+      // An automatic HWPT has already gone with its last attachment.
+      if (this.objects.get(obj.id) !== obj) continue;
+      switch (obj.type) {
+        case 'ACCESS':
+          // The pins were restore's own: dropped without calling the consumer back.
+          while (obj.pins.length > 0) this.releasePin(obj, obj.pins.length - 1);
+          obj.ioas.accesses.delete(obj);
+          this.objects.remove(obj.id);
+          break;
+        case 'DEVICE':
+          this.unbind(obj);
+          break;
+        case 'HWPT_NESTED':
+          this.removeNested(obj);
+          break;
+        case 'HWPT_PAGING':
+          this.removeHwpt(obj);
+          break;
+        case 'IOAS':
+          obj.destroy();
+          this.objects.remove(obj.id);
+          break;
+      }
+    }
+    this.rlimitMode = rlimitMode;
   }
 
   // ---- readers ----

@@ -1,4 +1,4 @@
-import { EntryFlag, HeaderSlot } from '../pagetable/format.js';
+import { EntryFlag, HeaderSlot, MAX_IOVA_PFN } from '../pagetable/format.js';
 import type { IoPageTable } from '../pagetable/radix.js';
 
 /**
@@ -82,4 +82,39 @@ export function readAndClearDirty(
  */
 export function bumpDirtyGeneration(words: Int32Array, header: number): void {
   Atomics.add(words, header + HeaderSlot.GENERATION, 1);
+}
+
+/** Every dirty leaf of a table as [first page, pages] runs in IOVA order, adjacent leaves merged. */
+export function dirtyRuns(table: IoPageTable): [number, number][] {
+  const runs: [number, number][] = [];
+  table.forEachLeaf(0, MAX_IOVA_PFN, (pfn, pages, _guest, flags) => {
+    if ((flags & EntryFlag.DIRTY) === 0) return;
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last[0] + last[1] === pfn) last[1] += pages;
+    else runs.push([pfn, pages]);
+  });
+  return runs;
+}
+
+/**
+ * Restore of saved dirty bits: marks every leaf of pages [firstPfn, lastPfn] dirty, as a device
+ * write through it would. Returns false, marking nothing, unless the range is exactly a run of whole
+ * mapped leaves (a saved run always is).
+ */
+export function markDirtyRun(table: IoPageTable, words: Int32Array, firstPfn: number, lastPfn: number): boolean {
+  const flagsWords: number[] = [];
+  let expect = firstPfn;
+  let whole = true;
+  table.forEachLeaf(firstPfn, lastPfn, (pfn, pages, _guest, _flags, flagsWord) => {
+    if (pfn !== expect || pfn + pages - 1 > lastPfn) {
+      whole = false;
+      return false;
+    }
+    flagsWords.push(flagsWord);
+    expect = pfn + pages;
+    return true;
+  });
+  if (!whole || expect !== lastPfn + 1) return false;
+  for (const w of flagsWords) Atomics.or(words, w, EntryFlag.DIRTY);
+  return true;
 }

@@ -142,6 +142,11 @@ export class IommufdHost {
     return this.devices.get(name);
   }
 
+  /** @internal Every declared physical device, in declaration order. */
+  physicalDevices(): PhysicalDevice[] {
+    return [...this.devices.values()];
+  }
+
   /** @internal Whether `ctx` may own `group`'s DMA (no other context does). */
   canClaimGroup(ctx: Context, group: string): boolean {
     const owner = this.groupOwners.get(group);

@@ -10,11 +10,27 @@ export type {
   IoasMapArgs,
   IovaRanges,
   OptionArgs,
+  RestoreOptions,
   SharedTranslation,
   Span,
   TranslateResult,
   TranslationFault,
 } from './context.js';
+export { CONTEXT_STATE_VERSION } from './state.js';
+export type {
+  AccessState,
+  AreaState,
+  AttachmentState,
+  ContextState,
+  DeviceState,
+  DirtyRunState,
+  HwptNestedState,
+  HwptPagingState,
+  HwptState,
+  IoasState,
+  IovaRangeState,
+  PinState,
+} from './state.js';
 export { IommufdError, isIommufdError } from './errors.js';
 export type { Errno } from './errors.js';
 export type { AccessOps } from './access.js';

@@ -1,4 +1,4 @@
-import { EntryFlag, MAX_GUEST_PFN, MAX_IOVA_PFN, PAGE_SHIFT, PAGE_SIZE_N } from '../pagetable/format.js';
+import { EntryFlag, MAX_GUEST_PFN, MAX_IOVA_PFN, PAGE_SHIFT, PAGE_SIZE_N, TABLE_PAGES } from '../pagetable/format.js';
 import type { TablePool } from '../pagetable/pool.js';
 import { IoPageTable } from '../pagetable/radix.js';
 import type { PinAccounting } from './accounting.js';
@@ -274,6 +274,32 @@ export class Ioas implements ContextObject {
       out.push([s, n, g, flags & EntryFlag.PERM_MASK]);
     });
     return out;
+  }
+
+  /** Whether the area at [startPfn, startPfn + pages) uses a 2 MiB or 1 GiB leaf. */
+  hasHugeLeaf(startPfn: number, pages: number): boolean {
+    let huge = false;
+    this.table.forEachLeaf(startPfn, startPfn + pages - 1, (_pfn, n) => {
+      huge = n > 1;
+      return !huge;
+    });
+    return huge;
+  }
+
+  /**
+   * Restore of a saved IOAS: grows the empty table to `levels`. Roots never shrink, so a saved table
+   * may have more levels than its areas need; mapping one page at the first IOVA that needs them and
+   * unmapping it again leaves exactly the root such a table has. Nothing is pinned: no device
+   * translates through a table that is being restored.
+   */
+  growLevels(levels: number): void {
+    if (this.table.mappedPages !== 0) throw new Error('growLevels needs an empty table');
+    if (this.table.levelCount >= levels) return;
+    const pfn = TABLE_PAGES[levels - 2]!;
+    // Table memory is kernel memory: running out is -ENOMEM.
+    if (!this.pool.ensure(this.table.tablesForMap(pfn, 1, 0, false))) throw new IommufdError('ENOMEM', 'page-table pool exhausted', 'levels');
+    this.table.map(pfn, 1, 0, EntryFlag.READ, false);
+    this.table.unmap(pfn, pfn);
   }
 
   /** Drops everything (IOAS destroy): areas unpinned, table and header released. */
