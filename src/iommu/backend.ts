@@ -58,6 +58,12 @@ export interface TableBackend {
    * Completes only when no device can still use a dropped entry (strict, like unmap).
    */
   invalidate(domain: TableDomainHandle, range: { readonly iova: bigint; readonly length: bigint } | undefined, leafOnly: boolean): Errno | undefined;
+  /**
+   * Migration: the handle of a table domain the backend restored with its other objects, after
+   * checking that `hwpt` is a nested HWPT over this backend's stage 2 with that very table;
+   * an errno otherwise.
+   */
+  restoredTableDomain(hwpt: number, table: StageOneTable): TableDomainHandle | Errno;
 }
 
 export interface IommuBackend {
@@ -87,4 +93,12 @@ export interface IommuBackend {
   mappingsIn(domain: PagingDomainHandle, start: bigint, end: bigint): readonly Mapping[];
   /** Removes whole mappings inside [start, end]; completes only after strict-unmap quiescence. */
   unmap(domain: PagingDomainHandle, start: bigint, end: bigint): Errno | undefined;
+  /**
+   * Migration: the handle of a paging domain the backend restored with its other objects, after
+   * checking that `ioas` is an IOAS no other domain uses and `hwpt` (0: none yet) a paging HWPT of
+   * it; an errno otherwise. Both IDs come from a saved image: hostile until checked.
+   */
+  restoredPagingDomain(ioas: number, hwpt: number): PagingDomainHandle | Errno;
+  /** Migration: the device has taken over its saved state (or failed to); restore-time caches go. */
+  endRestore?(): void;
 }

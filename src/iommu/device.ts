@@ -39,6 +39,7 @@ import {
   UnmapReq,
   type IommuFeatureName,
 } from './layout.js';
+import { StateError, parseIommuState, type DomainState, type VirtioIommuState } from './state.js';
 import { isZero, readField, readField64, writeField } from './wire.js';
 
 const U64_MAX = (1n << 64n) - 1n;
@@ -77,6 +78,12 @@ export interface VirtioIommuOptions {
   readonly maxDomains?: number;
   /** Fault records kept while the guest posts no event buffers (the oldest; newer ones are counted and dropped, repeats coalesced). Default 256. */
   readonly maxPendingFaults?: number;
+  /**
+   * Migration: start from saveState() of a device configured the same, over a backend restored
+   * from the same image (its attachments are already in place, so the boot-time detach of every
+   * endpoint is skipped). Checked whole; a state that does not fit throws StateError.
+   */
+  readonly restoreFrom?: unknown;
   readonly log?: Logger;
 }
 
@@ -226,7 +233,8 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
       featureMask(FeatureBit.VERSION_1) | featureMask(FeatureBit.INDIRECT_DESC) | featureMask(FeatureBit.EVENT_IDX);
     for (const name of names) features |= featureMask(IommuFeature[name]);
     this.offeredFeatures = features;
-    this.applyUnattachedMode();
+    if (options.restoreFrom !== undefined) this.takeOverState(options.restoreFrom);
+    else this.applyUnattachedMode();
   }
 
   // ---- config space -------------------------------------------------------------------------
@@ -302,9 +310,10 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
 
   /**
    * Queues a fault record for the event queue. When the guest has posted no event buffer the
-   * record waits in a bounded list; past its bound the oldest records are dropped and counted.
+   * record waits in a bounded list; past its bound the newest records are dropped and counted.
+   * With `deliver` false it only queues (a paused device).
    */
-  reportFault(fault: EndpointFault): void {
+  reportFault(fault: EndpointFault, deliver = true): void {
     // A fault identical to one still waiting for a buffer adds nothing the guest can act on: it is
     // counted, not queued again (a device retrying a DMA would otherwise fill the list alone).
     const key = faultKey(fault);
@@ -322,7 +331,8 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
     }
     this.pendingFaults.push(fault);
     this.pendingKeys.add(key);
-    this.deliverFaults();
+    // A paused device (a migration saving it) only queues: guest memory is not written.
+    if (deliver) this.deliverFaults();
   }
 
   private deliverFaults(): void {
@@ -960,6 +970,150 @@ export class VirtioIommuDevice implements VirtioDeviceModel {
   private count(outcome: Outcome): void {
     const name = outcome === 'NONE' ? 'NONE' : (STATUS_NAMES[outcome] ?? String(outcome));
     this.byStatus.set(name, (this.byStatus.get(name) ?? 0) + 1);
+  }
+
+  // ---- migration ----------------------------------------------------------------------------
+
+  /**
+   * The model's state beyond its transport, as plain data: config `bypass`, the domains with the
+   * backend objects behind them, fault records waiting for event buffers, and the counters. Taken
+   * while the device is paused (its worker runs no pass), after fault records were drained.
+   */
+  saveState(): VirtioIommuState {
+    const domains = [...this.domains.values()].map((d): DomainState => {
+      const endpoints = [...d.endpoints].sort((a, b) => a - b);
+      if (d.kind === 'bypass') return { id: d.id, kind: 'bypass', endpoints };
+      if (d.kind === 'paging') return { id: d.id, kind: 'paging', ioas: d.handle.ioas, hwpt: d.handle.hwpt, endpoints };
+      const pasids = [...d.pasids].map((key) => {
+        const [endpoint, pasid] = key.split(':').map(Number) as [number, number];
+        return { endpoint, pasid };
+      });
+      return { id: d.id, kind: 'table', hwpt: d.handle.hwpt, rootGpa: d.table.rootGpa, addrWidth: d.table.addrWidth, endpoints, pasids };
+    });
+    return {
+      offeredFeatures: this.offeredFeatures,
+      endpoints: [...this.endpointIds].sort((a, b) => a - b),
+      bypass: this.bypass,
+      domains,
+      pendingFaults: this.pendingFaults.map((f) => ({
+        reason: f.reason,
+        endpoint: f.endpoint,
+        pasid: f.pasid ?? null,
+        address: f.address ?? null,
+        read: f.read === true,
+        write: f.write === true,
+        exec: f.exec === true,
+      })),
+      counters: { ...this.counters },
+      byStatus: Object.fromEntries(this.byStatus),
+    };
+  }
+
+  /**
+   * Takes over a saved state (options.restoreFrom), on a device whose backend was restored from
+   * the same image (so the backend IDs in the domains name the same objects), before the
+   * transport activates the device. Everything is checked first — shape, this device's
+   * configuration, the isolation-group rule, that each domain's backend objects exist — and a
+   * state that does not fit throws StateError with the model unchanged.
+   */
+  private takeOverState(raw: unknown): void {
+    if (this.domains.size > 0 || this.env !== undefined || this.pendingFaults.length > 0) {
+      throw new StateError('device', 'restore needs a fresh device (no domains, not activated)');
+    }
+    try {
+      this.restoreChecked(raw);
+    } finally {
+      this.backend.endRestore?.();
+    }
+  }
+
+  private restoreChecked(raw: unknown): void {
+    const state = parseIommuState(raw, {
+      offeredFeatures: this.offeredFeatures,
+      endpoints: this.endpointIds,
+      maxDomains: this.maxDomains,
+      maxPendingFaults: this.maxPendingFaults,
+      statusNames: new Set([...Object.values(STATUS_NAMES), 'NONE']),
+    });
+    const attachedTo = new Map<number, number>();
+    for (const d of state.domains) for (const ep of d.endpoints) attachedTo.set(ep, d.id);
+    // Endpoints that cannot be isolated share one translation: never two domains (§5.13.6.1).
+    for (const [ep, domainId] of attachedTo) {
+      for (const sibling of this.backend.groupSiblings(ep)) {
+        const theirs = attachedTo.get(sibling);
+        if (theirs !== undefined && theirs !== domainId) throw new StateError('device.domains', `endpoints ${ep} and ${sibling} share an isolation group but sit in domains ${domainId} and ${theirs}`);
+      }
+    }
+    const domains = new Map<number, Domain>();
+    const pasidBoundTo = new Map<string, number>();
+    // One domain, one set of backend objects: two domains naming the same IOAS or HWPT would
+    // share mappings the guest believes separate.
+    const backendIds = new Set<number>();
+    const claim = (id: number, field: string): void => {
+      if (id === 0) return;
+      if (backendIds.has(id)) throw new StateError(field, `backend object ${id} belongs to two domains`);
+      backendIds.add(id);
+    };
+    for (const [i, d] of state.domains.entries()) {
+      if (d.kind === 'paging') {
+        claim(d.ioas, `device.domains[${i}].ioas`);
+        claim(d.hwpt, `device.domains[${i}].hwpt`);
+      } else if (d.kind === 'table') {
+        claim(d.hwpt, `device.domains[${i}].hwpt`);
+      }
+    }
+    for (const [i, d] of state.domains.entries()) {
+      if (this.offers(IommuFeature.DOMAIN_RANGE) && !this.domainInRange(d.id)) throw new StateError(`device.domains[${i}].id`, `domain ${d.id} is outside the domain range`);
+      const endpoints = new Set(d.endpoints);
+      if (d.kind === 'bypass') {
+        domains.set(d.id, { id: d.id, kind: 'bypass', endpoints });
+      } else if (d.kind === 'paging') {
+        const handle = this.backend.restoredPagingDomain(d.ioas, d.hwpt);
+        if (typeof handle === 'string') throw new StateError(`device.domains[${i}]`, `IOAS ${d.ioas} / HWPT ${d.hwpt}: ${handle}`);
+        // The count is the backend's areas, not a number from the image.
+        const mappings = this.backend.mappingsIn(handle, 0n, U64_MAX).length;
+        if (mappings > this.maxMappingsPerDomain) throw new StateError(`device.domains[${i}]`, `${mappings} mappings, more than the ${this.maxMappingsPerDomain} allowed`);
+        domains.set(d.id, { id: d.id, kind: 'paging', handle, endpoints, mappings });
+      } else {
+        const tables = this.backend.tables;
+        if (tables === undefined || !this.offers(IommuFeature.ATTACH_TABLE)) throw new StateError(`device.domains[${i}]`, 'a table domain, but this device does not offer ATTACH_TABLE');
+        const table: StageOneTable = { rootGpa: d.rootGpa, addrWidth: d.addrWidth };
+        const handle = tables.restoredTableDomain(d.hwpt, table);
+        if (typeof handle === 'string') throw new StateError(`device.domains[${i}]`, `HWPT ${d.hwpt}: ${handle}`);
+        const pasids = new Set<string>();
+        for (const p of d.pasids) {
+          if (p.pasid >= 2 ** tables.pasidBits(p.endpoint)) throw new StateError(`device.domains[${i}].pasids`, `PASID ${p.pasid} is beyond endpoint ${p.endpoint}'s PASID width`);
+          const key = pasidKey(p.endpoint, p.pasid);
+          pasids.add(key);
+          pasidBoundTo.set(key, d.id);
+        }
+        domains.set(d.id, { id: d.id, kind: 'table', handle, table, endpoints, pasids });
+      }
+    }
+    // Checked: take it over.
+    for (const [id, d] of domains) this.domains.set(id, d);
+    for (const [ep, id] of attachedTo) this.attachedTo.set(ep, id);
+    for (const [key, id] of pasidBoundTo) this.pasidBoundTo.set(key, id);
+    this.bypass = state.bypass;
+    for (const f of state.pendingFaults) {
+      const fault: EndpointFault = {
+        reason: f.reason,
+        endpoint: f.endpoint,
+        ...(f.pasid !== null ? { pasid: f.pasid } : {}),
+        ...(f.address !== null ? { address: f.address } : {}),
+        read: f.read,
+        write: f.write,
+        exec: f.exec,
+      };
+      const key = faultKey(fault);
+      if (this.pendingKeys.has(key)) continue;
+      this.pendingFaults.push(fault);
+      this.pendingKeys.add(key);
+    }
+    Object.assign(this.counters, state.counters);
+    this.byStatus.clear();
+    for (const [name, n] of Object.entries(state.byStatus)) this.byStatus.set(name, n);
+    this.log.info({ domains: domains.size, pendingFaults: this.pendingFaults.length }, 'device state restored');
   }
 
   stats(): VirtioIommuStats {

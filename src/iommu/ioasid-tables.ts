@@ -49,7 +49,32 @@ export class IoasidTables implements TableBackend {
     private readonly deviceOf: (endpoint: number) => number | undefined,
     private readonly guestRam: readonly { readonly base: number; readonly size: number }[],
     private readonly log: Logger,
+    /** The context's objects by ID (type, a HWPT's IOAS, parent and stage-1 table), for checking restored IDs. */
+    private readonly objects?: () => {
+      readonly types: ReadonlyMap<number, string>;
+      readonly hwptIoas: ReadonlyMap<number, { readonly parent: number | undefined; readonly root: bigint | undefined; readonly addrWidth: number | undefined }>;
+    },
   ) {}
+
+  /** The guest-physical stage 2, once built (saved with the adapter's state). */
+  stage2(): { readonly ioas: number; readonly hwpt: number } | undefined {
+    return this.parent;
+  }
+
+  /** Migration: the restored context already holds the stage 2 (checked by the caller). */
+  adoptStage2(parent: { readonly ioas: number; readonly hwpt: number }): void {
+    this.parent = parent;
+  }
+
+  restoredTableDomain(hwpt: number, table: StageOneTable): TableDomainHandle | Errno {
+    const index = this.objects?.();
+    if (index === undefined || this.parent === undefined) return 'ENOENT';
+    const h = index.hwptIoas.get(hwpt);
+    if (index.types.get(hwpt) !== 'HWPT_NESTED' || h === undefined) return 'ENOENT';
+    // The nested HWPT must sit on this stage 2 and walk the very table the domain names.
+    if (h.parent !== this.parent.hwpt || h.root !== table.rootGpa || h.addrWidth !== table.addrWidth) return 'EINVAL';
+    return { hwpt };
+  }
 
   pasidBits(endpoint: number): number {
     const dev = this.deviceOf(endpoint);
@@ -106,6 +131,9 @@ export class IoasidTables implements TableBackend {
     try {
       const flags = IoasMapFlag.FIXED_IOVA | IoasMapFlag.READABLE | IoasMapFlag.WRITEABLE;
       for (const r of this.guestRam) this.context.ioasMap(ioas, { gpa: r.base, length: BigInt(r.size), iova: BigInt(r.base), flags });
+      // Not dirty-tracking: VT-d refuses PASID attachments of a nested domain over a dirty-tracking
+      // parent (intel_nested_set_dev_pasid), and PASIDs are what table domains are for. Nested
+      // DMA is therefore not in the IOMMU's dirty log (docs/migration.md).
       const hwpt = this.context.hwptAlloc(dev, ioas, { flags: HwptAllocFlag.NEST_PARENT });
       this.parent = { ioas, hwpt };
       this.log.info({ ioas, hwpt }, 'guest-physical stage 2 built for nested translation');

@@ -9,10 +9,28 @@ import { GuestMemory } from '../memory/index.js';
 import { DeviceRunner } from '../virtio/device-runner.js';
 import { MmioTransport } from '../virtio/mmio.js';
 import { PciTransport } from '../virtio/pci.js';
-import { ControlRequest, DeviceSignal, SignalInterruptLine, WorkerState, postControl } from '../virtio/signals.js';
+import type { PciSnapshot } from '../virtio/pci.js';
+import type { TransportSnapshot } from '../virtio/transport.js';
+import { ControlRequest, DeviceSignal, SignalInterruptLine, WorkerState, postControl, ringDoorbell } from '../virtio/signals.js';
 import { exposeOn } from './comlink.js';
 import { transportTarget } from './device-worker-main.js';
-import type { EndpointTranslation, IommuWorkerApi, IommuWorkerStart, IommuWorkerStats } from './iommu-worker-protocol.js';
+import type { EndpointTranslation, IommuWorkerApi, IommuWorkerStart, IommuWorkerState, IommuWorkerStats } from './iommu-worker-protocol.js';
+
+/** A restore that could not be applied: the worker does not start. */
+export class RestoreError extends Error {
+  constructor(part: string, cause: unknown) {
+    super(`cannot restore the ${part} state: ${cause instanceof Error ? cause.message : String(cause)}`);
+    this.name = 'RestoreError';
+  }
+}
+
+function restoring<T>(part: string, fn: () => T): T {
+  try {
+    return fn();
+  } catch (err) {
+    throw new RestoreError(part, err);
+  }
+}
 
 /**
  * Body of the iommu worker: the iommufd host and context (the only writer of page tables), the
@@ -28,16 +46,21 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
       name: ep.device,
       group: ep.group,
       reservedRegions: ep.reservedRegions,
+      // The emulated IOMMU keeps access/dirty bits (as VT-d's SSADS): what a migration's pre-copy needs.
+      dirtyTracking: true,
       ...(ep.pasidBits !== undefined ? { pasidBits: ep.pasidBits } : {}),
     })),
     ...(start.memlockLimitPages !== undefined ? { memlockLimitPages: start.memlockLimitPages } : {}),
     log: log.child({ component: 'iommufd' }),
   });
   const context = host.open();
+  const saved = start.restore;
+  // The adapter's accesses pin nothing (their workers translate through rows): nothing to drop on unmap.
+  if (saved !== undefined) restoring('backend', () => context.restoreState(saved.backend, { accessOps: () => ({ onUnmap: () => undefined }) }));
   context.attachQuiescence(new QuiescenceOwner(start.quiescence, { log }), {
     ...(start.quiescenceTimeoutMs !== undefined ? { timeoutMs: start.quiescenceTimeoutMs } : {}),
   });
-  const backend = new IoasidIommuBackend(
+  const backend = restoring('adapter', () => new IoasidIommuBackend(
     context,
     start.endpoints.map((ep) => ({
       endpoint: ep.id,
@@ -48,18 +71,38 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
     })),
     log,
     start.memory.regions.map((r) => ({ base: r.base, size: r.buffer.byteLength })),
-  );
+    saved?.adapter,
+  ));
   const endpointOfRow = new Map<number, number>();
   for (const ep of start.endpoints) endpointOfRow.set(backend.translationRow(ep.id)!, ep.id);
 
-  const device = new VirtioIommuDevice(backend, { maxRequestsPerPass: 256, ...start.device, endpoints: start.endpoints.map((ep) => ep.id), log });
+  const device = restoring('device', () =>
+    new VirtioIommuDevice(backend, {
+      maxRequestsPerPass: 256,
+      ...start.device,
+      endpoints: start.endpoints.map((ep) => ep.id),
+      log,
+      ...(saved !== undefined ? { restoreFrom: saved.device } : {}),
+    }),
+  );
   const irq = new SignalInterruptLine(signals);
   const transport =
     start.transport === 'mmio' ? new MmioTransport(device, memory, { irq, log }) : new PciTransport(device, memory, { irq, log });
+  if (saved !== undefined) {
+    restoring('transport', () => {
+      if (transport instanceof MmioTransport) transport.restore(saved.transport as TransportSnapshot & { readonly mmio: { readonly shmSel: number } });
+      else transport.restore(saved.transport as PciSnapshot);
+    });
+    // A doorbell the source had not served yet is gone with its signal block: every queue counts
+    // as notified once (a spurious notification is harmless, virtio 1.2 §2.7.7.1).
+    ringDoorbell(signals, 0);
+    ringDoorbell(signals, 1);
+    log.info('restored from a saved state');
+  }
 
   const faults = new FaultConsumer(start.faults);
   let drained = 0;
-  const drainFaults = (): number =>
+  const drainFaults = (deliver = true): number =>
     faults.drain((record) => {
       const endpoint = endpointOfRow.get(record.device);
       drained++;
@@ -75,7 +118,7 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
         read: (record.access & FaultAccess.READ) !== 0,
         write: (record.access & FaultAccess.WRITE) !== 0,
         exec: (record.access & FaultAccess.EXEC) !== 0,
-      });
+      }, deliver);
     }, 256);
 
   // Between passes of the runner: fault records to deliver, and requests left by a bounded pass.
@@ -134,6 +177,16 @@ export function runIommuWorker(start: IommuWorkerStart, port: MessagePort): void
       }
     },
     inspect: () => host.inspect(),
+    pause: () => runner.pause(),
+    resume: () => runner.resume(),
+    saveState(): IommuWorkerState {
+      if (!runner.paused) throw new Error('saveState needs a paused worker (pause() first)');
+      // Fault records device workers queued are the device's pending faults from here on.
+      while (drainFaults(false) > 0);
+      return { backend: context.saveState(), adapter: backend.saveState(), device: device.saveState(), transport: transport.snapshot() };
+    },
+    setDirtyTracking: (enable: boolean) => backend.setDirtyTracking(enable),
+    dirtyPages: () => backend.dirtyPages(),
     async stop(): Promise<void> {
       postControl(signals, ControlRequest.STOP);
       await running;

@@ -34,7 +34,25 @@ export interface IommuWorkerStart {
   readonly faults: SharedArrayBuffer;
   readonly quiescenceTimeoutMs?: number;
   readonly maxSpinMicros?: number;
+  /**
+   * Migration: start from a saved state (saveState() of a worker configured the same, over a copy
+   * of its guest memory) instead of a fresh device. Checked whole: a state that does not fit makes
+   * the worker fail to start, saying why; nothing runs half restored.
+   */
+  readonly restore?: IommuWorkerState;
 }
+
+/**
+ * Everything the iommu worker holds, as plain data: the iommufd context (objects with their IDs,
+ * areas, attachments, dirty bits), which backend objects are whose, the virtio-iommu model and
+ * its transport (registers, negotiated features, queue positions).
+ */
+export type IommuWorkerState = {
+  readonly backend: unknown;
+  readonly adapter: unknown;
+  readonly device: unknown;
+  readonly transport: unknown;
+};
 
 /** What a consumer device worker needs to translate an endpoint's DMA itself. */
 export interface EndpointTranslation {
@@ -73,6 +91,21 @@ export interface IommuWorkerApi {
    * it lets go again) or the errno, e.g. EBUSY while this machine's context owns the device's group.
    */
   foreignBind(device: string): string;
+  /**
+   * Stops serving the guest (requests, register accesses and event buffers wait) until resume();
+   * resolves once no pass is running. Fault records keep queueing in the shared fault queue.
+   */
+  pause(): Promise<void>;
+  resume(): void;
+  /** The worker's state for a migration; only while paused. Drains pending fault records first. */
+  saveState(): IommuWorkerState;
+  /**
+   * Dirty tracking on every paging HWPT (and those made while it is on), for a migration's
+   * pre-copy; switching it on starts a clean log.
+   */
+  setDirtyTracking(enable: boolean): void;
+  /** Guest page frames (GPA / 4 KiB) DMA by bound devices wrote since the last call; clears the log. */
+  dirtyPages(): number[];
   /** The backend's full state (objects, areas, pins): for tests and diagnostics. */
   inspect(): HostSnapshot;
   stop(): Promise<void>;

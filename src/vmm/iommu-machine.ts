@@ -9,6 +9,10 @@ import type { DmaEngineWorkerApi, DmaEngineWorkerStart } from '../runtime/dma-en
 import type { DmaRequest, DmaResult, EndpointWorkerApi, EndpointWorkerStart } from '../runtime/endpoint-worker-protocol.js';
 import type { EndpointSpec, IommuWorkerApi, IommuWorkerStart } from '../runtime/iommu-worker-protocol.js';
 import { workerUrl } from '../runtime/worker-url.js';
+import { decodeImage, encodeImage, sectionMap, type ImageSection, type PlainValue } from '../migration/image.js';
+import type { DeviceWorkerState } from '../runtime/device-worker-protocol.js';
+import type { DmaEngineWorkerState } from '../runtime/dma-engine-protocol.js';
+import type { IommuWorkerState } from '../runtime/iommu-worker-protocol.js';
 import { DeviceSignal, createSignalBuffer } from '../virtio/signals.js';
 import { DeviceHandle, DeviceWorkerError } from './device-handle.js';
 
@@ -47,6 +51,46 @@ export interface IommuMachineOptions {
   /** Quiescence slots beyond the test endpoints, for consumer devices added later (default 8). */
   readonly spareWorkerSlots?: number;
   readonly maxSpinMicros?: number;
+  /** Guest memory to run on (default: a fresh one of memorySize at GPA 0); its size must be memorySize. */
+  readonly memory?: GuestMemory;
+}
+
+/** Version of the image sections this machine writes (each section's own u16). */
+const SECTION_VERSION = 1;
+const MACHINE_SECTION = 'machine';
+const IOMMU_SECTION = 'virtio-iommu';
+
+function endpointSection(id: number): string {
+  return `endpoint-${id.toString(16).padStart(4, '0')}`;
+}
+
+/** A migration image that cannot be restored: what is wrong, and nothing was left running. */
+export class MigrationError extends Error {
+  readonly code = 'EMIGRATION' as const;
+  constructor(message: string) {
+    super(message);
+    this.name = 'MigrationError';
+  }
+}
+
+/** The options as plain data for the image: no undefined values, no memory object. */
+function plainOptions(o: IommuMachineOptions): PlainValue {
+  const strip = (v: unknown): PlainValue => {
+    if (Array.isArray(v)) return v.map(strip);
+    if (typeof v === 'object' && v !== null && !(v instanceof Uint8Array)) {
+      const out: Record<string, PlainValue> = {};
+      for (const [k, x] of Object.entries(v)) if (x !== undefined && k !== 'memory') out[k] = strip(x);
+      return out;
+    }
+    return v as PlainValue;
+  };
+  return strip(o);
+}
+
+/** Per-worker states to start from (a migration's destination). */
+interface RestoreStates {
+  readonly iommu: IommuWorkerState;
+  readonly endpoints: ReadonlyMap<number, PlainValue>;
 }
 
 /** Name of the backend device behind an endpoint ID. */
@@ -108,6 +152,7 @@ function validateOptions(o: IommuMachineOptions): void {
   if (d.maxPendingFaults !== undefined && (!Number.isInteger(d.maxPendingFaults) || d.maxPendingFaults < 1)) fail('device.maxPendingFaults must be a positive integer');
   if (o.memlockLimitPages !== undefined && (!Number.isSafeInteger(o.memlockLimitPages) || o.memlockLimitPages < 0)) fail('memlockLimitPages must be a non-negative integer');
   if (o.quiescenceTimeoutMs !== undefined && !(o.quiescenceTimeoutMs > 0)) fail('quiescenceTimeoutMs must be positive');
+  if (o.memory !== undefined && (!(o.memory instanceof GuestMemory) || o.memory.size !== o.memorySize)) fail('memory must be a GuestMemory of memorySize bytes');
   if (o.spareWorkerSlots !== undefined && (!Number.isInteger(o.spareWorkerSlots) || o.spareWorkerSlots < 0 || o.spareWorkerSlots > 1024)) fail('spareWorkerSlots must be an integer in [0, 1024]');
 }
 
@@ -151,6 +196,7 @@ export class EndpointHandle {
  */
 export class IommuMachine {
   private closed = false;
+  private paused = false;
   /**
    * Consumer devices whose worker died, by endpoint ID, with the reason. The machine has freed
    * their quiescence slots (so no unmap waits for them) and detached them in the backend; the
@@ -159,9 +205,11 @@ export class IommuMachine {
   readonly failures = new Map<number, string>();
   private readonly settling: Promise<void>[] = [];
 
+  readonly transport: TransportKind;
+
   private constructor(
     readonly memory: GuestMemory,
-    readonly transport: TransportKind,
+    private readonly options: IommuMachineOptions,
     readonly iommu: DeviceHandle<IommuWorkerApi>,
     /** Test endpoints by endpoint ID. */
     readonly endpoints: ReadonlyMap<number, EndpointHandle>,
@@ -171,6 +219,7 @@ export class IommuMachine {
     readonly netDevices: ReadonlyMap<number, DeviceHandle>,
     private readonly quiescence: SharedArrayBuffer,
   ) {
+    this.transport = options.transport;
     const watch = (endpoint: number, worker: Worker): void => {
       const threadId = worker.threadId;
       worker.once('exit', (code) => {
@@ -211,10 +260,14 @@ export class IommuMachine {
 
   static async create(options: IommuMachineOptions): Promise<IommuMachine> {
     validateOptions(options);
+    return IommuMachine.build(options, undefined);
+  }
+
+  private static async build(options: IommuMachineOptions, restore: RestoreStates | undefined): Promise<IommuMachine> {
     const specs = options.endpoints.map(endpointSpec);
     const ids = new Set(specs.map((s) => s.id));
     if (ids.size !== specs.length) throw new RangeError('endpoint IDs must be distinct');
-    const memory = GuestMemory.create(options.memorySize);
+    const memory = options.memory ?? GuestMemory.create(options.memorySize);
     const quiescence = createQuiescenceBuffer(specs.length + (options.spareWorkerSlots ?? 8));
     const faults = createFaultQueueBuffer(256);
     const start: IommuWorkerStart = {
@@ -229,6 +282,7 @@ export class IommuMachine {
       ...(options.memlockLimitPages !== undefined ? { memlockLimitPages: options.memlockLimitPages } : {}),
       ...(options.quiescenceTimeoutMs !== undefined ? { quiescenceTimeoutMs: options.quiescenceTimeoutMs } : {}),
       ...(options.maxSpinMicros !== undefined ? { maxSpinMicros: options.maxSpinMicros } : {}),
+      ...(restore !== undefined ? { restore: restore.iommu } : {}),
     };
     const iommu = await DeviceHandle.launch<IommuWorkerApi, IommuWorkerStart>({
       entry: 'iommu-worker',
@@ -251,6 +305,7 @@ export class IommuMachine {
             memory: start.memory,
             signals: createSignalBuffer(),
             translation: { shared: t.shared, row: t.row, quiescence, faults, iommuSignals: start.signals },
+            ...(restore !== undefined ? { restore: restore.endpoints.get(spec.id) as unknown as DmaEngineWorkerState } : {}),
             ...(typeof decl !== 'number' && decl.pasidCapable !== undefined ? { pasidCapable: decl.pasidCapable } : {}),
             ...(typeof decl !== 'number' && decl.repeatGapMicros !== undefined ? { repeatGapMicros: decl.repeatGapMicros } : {}),
           };
@@ -271,6 +326,7 @@ export class IommuMachine {
               transport: net?.transport ?? options.transport,
               memory,
               queues: 2,
+              ...(restore !== undefined ? { restore: restore.endpoints.get(spec.id) as unknown as DeviceWorkerState } : {}),
             }),
           );
           continue;
@@ -300,7 +356,95 @@ export class IommuMachine {
       await iommu.close();
       throw err;
     }
-    return new IommuMachine(memory, options.transport, iommu, endpoints, dmaEngines, netDevices, quiescence);
+    return new IommuMachine(memory, options, iommu, endpoints, dmaEngines, netDevices, quiescence);
+  }
+
+  // ---- migration ------------------------------------------------------------------------------
+
+  /**
+   * Stops the machine's devices, consumers first (their DMA ends, their fault records are queued),
+   * then the virtio-iommu; resolves when none does any work. Guest register accesses wait meanwhile.
+   */
+  async pause(): Promise<void> {
+    await Promise.all([...this.dmaEngines.values()].map((h) => h.control.pause()));
+    await Promise.all([...this.netDevices.values()].map((h) => (h as DeviceHandle).control.pause()));
+    await this.iommu.control.pause();
+    this.paused = true;
+  }
+
+  /** Runs the devices again after pause() (the iommu first, so consumers' DMA finds it serving). */
+  async resume(): Promise<void> {
+    await this.iommu.control.resume();
+    await Promise.all([...this.netDevices.values()].map((h) => (h as DeviceHandle).control.resume()));
+    await Promise.all([...this.dmaEngines.values()].map((h) => h.control.resume()));
+    this.paused = false;
+  }
+
+  /** Dirty tracking of DMA by bound devices (every paging HWPT), for a migration's pre-copy. */
+  async setDirtyTracking(enable: boolean): Promise<void> {
+    await this.iommu.control.setDirtyTracking(enable);
+  }
+
+  /** Guest page frames (GPA / 4 KiB) DMA by bound devices wrote since the last call (tracking on). */
+  async dirtyPages(): Promise<number[]> {
+    return this.iommu.control.dirtyPages();
+  }
+
+  /**
+   * The paused machine as one migration image (docs/migration.md): its options, the virtio-iommu
+   * worker (device, transport, iommufd context) and each consumer device. Guest memory is not in
+   * it: the VMM copies memory itself, with dirtyPages() for what DMA wrote.
+   */
+  async saveImage(): Promise<Uint8Array> {
+    if (!this.paused) throw new MigrationError('saveImage needs a paused machine (pause() first)');
+    const sections: ImageSection[] = [
+      { name: MACHINE_SECTION, version: SECTION_VERSION, payload: plainOptions(this.options) },
+      { name: IOMMU_SECTION, version: SECTION_VERSION, payload: (await this.iommu.control.saveState()) as unknown as PlainValue },
+    ];
+    for (const [id, h] of this.dmaEngines) sections.push({ name: endpointSection(id), version: SECTION_VERSION, payload: (await h.control.saveState()) as unknown as PlainValue });
+    for (const [id, h] of this.netDevices) sections.push({ name: endpointSection(id), version: SECTION_VERSION, payload: (await (h as DeviceHandle).control.saveState()) as unknown as PlainValue });
+    return encodeImage(sections);
+  }
+
+  /**
+   * A machine from a migration image, in new workers over `memory` (a copy of the source's guest
+   * memory, made while the source was paused). The image is checked whole — container checksums,
+   * then each worker's state as it starts — and any failure stops every worker already started and
+   * throws (MigrationImageError for the container, MigrationError for its contents): nothing is
+   * left half restored. The machine starts running at once.
+   */
+  static async restore(image: Uint8Array, target: { readonly memory: GuestMemory }): Promise<IommuMachine> {
+    const sections = sectionMap(decodeImage(image));
+    const section = (name: string): PlainValue => {
+      const s = sections.get(name);
+      if (s === undefined) throw new MigrationError(`the image has no '${name}' section`);
+      if (s.version !== SECTION_VERSION) throw new MigrationError(`section '${name}' has version ${s.version}; this build reads ${SECTION_VERSION}`);
+      return s.payload;
+    };
+    const saved = section(MACHINE_SECTION);
+    if (typeof saved !== 'object' || saved === null || Array.isArray(saved) || saved instanceof Uint8Array) throw new MigrationError("the 'machine' section is not an options object");
+    const options = { ...(saved as unknown as IommuMachineOptions), memory: target.memory };
+    try {
+      validateOptions(options);
+    } catch (err) {
+      throw new MigrationError(`saved machine options: ${(err as Error).message}`);
+    }
+    const iommu = section(IOMMU_SECTION) as unknown as IommuWorkerState;
+    if (typeof iommu !== 'object' || iommu === null) throw new MigrationError("the 'virtio-iommu' section is not an object");
+    const endpoints = new Map<number, PlainValue>();
+    const consumerIds = new Set<number>();
+    for (const decl of options.endpoints) {
+      if (typeof decl === 'number' || (decl.kind ?? 'test') === 'test') continue;
+      consumerIds.add(decl.id);
+      endpoints.set(decl.id, section(endpointSection(decl.id)));
+    }
+    const known = new Set([MACHINE_SECTION, IOMMU_SECTION, ...[...consumerIds].map(endpointSection)]);
+    for (const name of sections.keys()) if (!known.has(name)) throw new MigrationError(`the image has a section '${name}' this machine has no device for`);
+    try {
+      return await IommuMachine.build(options, { iommu, endpoints });
+    } catch (err) {
+      throw new MigrationError(`restore failed, nothing is running: ${(err as Error).message}`);
+    }
   }
 
   /** A DMA by the endpoint's device, translated in its worker. */
