@@ -1,3 +1,4 @@
+import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
 import { GuestAllocator } from '../guest-fixtures/driver/allocator.js';
 import { DmaEngineDriver } from '../guest-fixtures/driver/dma-engine-driver.js';
@@ -13,7 +14,9 @@ import { GuestMemory } from '../src/memory/index.js';
 import { driverArena } from '../src/replay/local-machine.js';
 import type { MmioBus, PciBus } from '../src/virtio/bus.js';
 import type { InterruptWaiter } from '../src/virtio/interrupt-waiter.js';
-import { IommuMachine } from '../src/vmm/iommu-machine.js';
+import { decodeImage, encodeImage, isMigrationImageError, type ImageSection, type PlainValue } from '../src/migration/image.js';
+import { DeviceHandle } from '../src/vmm/device-handle.js';
+import { IommuMachine, MigrationError } from '../src/vmm/iommu-machine.js';
 import { MemoryPrecopy } from '../src/vmm/precopy.js';
 
 // Live migration end to end: a DMA engine repeating a copy, a virtio-net device looping frames and
@@ -219,4 +222,100 @@ describe('live migration of a machine with both consumers busy', () => {
     expect(Buffer.from(dest.memory.view(DST_GPA, COPY)).equals(Buffer.from(pattern(42)))).toBe(true);
     engine.setReg(DmaEngineReg.COMMAND, DmaEngineCommand.STOP);
   }, 60_000);
+});
+
+/** Every leaf of a plain value, as a path and the value there. */
+function leaves(v: PlainValue, path: (string | number)[] = []): { path: (string | number)[]; value: PlainValue }[] {
+  if (Array.isArray(v)) return v.flatMap((x, i) => leaves(x as PlainValue, [...path, i]));
+  if (typeof v === 'object' && v !== null && !(v instanceof Uint8Array)) return Object.entries(v).flatMap(([k, x]) => leaves(x, [...path, k]));
+  return [{ path, value: v }];
+}
+
+function replaced(v: PlainValue, path: readonly (string | number)[], value: PlainValue): PlainValue {
+  if (path.length === 0) return value;
+  const [head, ...rest] = path;
+  if (Array.isArray(v)) return v.map((x, i) => (i === head ? replaced(x as PlainValue, rest, value) : x)) as PlainValue;
+  const o = v as Record<string, PlainValue>;
+  return { ...o, [head as string]: replaced(o[head as string]!, rest, value) };
+}
+
+describe('a migration image that does not fit is refused whole', () => {
+  it('damaged bytes never start a worker; hostile contents in a valid container fail cleanly and leave no worker running', async () => {
+    const source = await IommuMachine.create({
+      memorySize: 4 << 20,
+      transport: 'mmio',
+      endpoints: [{ id: ENGINE, kind: 'dma-engine' }, { id: NET, kind: 'virtio-net' }, 0x20],
+      device: { bootBypass: false },
+    });
+    const arena = driverArena(4 << 20);
+    const iommu = IommuGuestDriver.open({
+      transport: new MmioDriverTransport(source.iommu.bus as MmioBus),
+      memory: source.memory,
+      allocator: new GuestAllocator(arena.base, arena.size),
+      interrupts: source.iommu.interrupts,
+    });
+    expect(iommu.batch([encodeAttach(1, ENGINE), encodeAttach(1, NET), encodeAttach(2, 0x20), encodeMap(1, 0x1000n, 0x4fffn, 0x20_0000n, RW), encodeMap(2, 0x8000n, 0x8fffn, 0x21_0000n, MapFlag.READ)]).map((r) => r.status)).toEqual([
+      Status.OK,
+      Status.OK,
+      Status.OK,
+      Status.OK,
+      Status.OK,
+    ]);
+    await source.pause();
+    const image = await source.saveImage();
+    await source.close();
+    const baseline = DeviceHandle.liveWorkers;
+    const memory = GuestMemory.create(4 << 20);
+
+    // Damaged bytes: the container's checks refuse them before anything starts.
+    await fc.assert(
+      fc.asyncProperty(fc.nat(image.length - 1), fc.integer({ min: 1, max: 255 }), fc.boolean(), async (at, xor, truncate) => {
+        const bad = truncate ? image.slice(0, at) : image.slice();
+        if (!truncate) bad[at]! ^= xor;
+        const err = await IommuMachine.restore(bad, { memory }).then(
+          () => undefined,
+          (e: unknown) => e,
+        );
+        expect(isMigrationImageError(err)).toBe(true);
+        expect(DeviceHandle.liveWorkers).toBe(baseline);
+      }),
+      { numRuns: 60 },
+    );
+
+    // Valid containers with hostile contents: one leaf changed in one section.
+    const sections = decodeImage(image);
+    const waitForNoWorkers = async (): Promise<void> => {
+      for (const deadline = Date.now() + 3000; DeviceHandle.liveWorkers > baseline && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 10));
+    };
+    const hostile: PlainValue[] = [null, -1, 0, 1, 7, 0xffff_ffff, 2 ** 53, 1.5, 'x', true, 1n << 70n, new Uint8Array(3), [], {}];
+    let refused = 0;
+    await fc.assert(
+      fc.asyncProperty(fc.nat(sections.length - 1), fc.nat(), fc.constantFrom(...hostile), async (which, leafPick, value) => {
+        const all = leaves(sections[which]!.payload);
+        const leaf = all[leafPick % all.length]!;
+        const mutated: ImageSection[] = sections.map((sec, i) => (i === which ? { ...sec, payload: replaced(sec.payload, leaf.path, value) } : sec));
+        let restored: IommuMachine | undefined;
+        try {
+          restored = await IommuMachine.restore(encodeImage(mutated), { memory: GuestMemory.create(4 << 20) });
+        } catch (err) {
+          refused++;
+          expect(err, String(err)).toBeInstanceOf(MigrationError);
+        } finally {
+          await restored?.close();
+        }
+        await waitForNoWorkers();
+        expect(DeviceHandle.liveWorkers).toBe(baseline);
+      }),
+      { numRuns: 25 },
+    );
+    expect(refused).toBeGreaterThan(0);
+
+    // The image itself still restores, and the restored guest view is the source's.
+    const dest = await IommuMachine.restore(image, { memory });
+    const ctx = (await dest.iommu.control.inspect()).contexts[0]!;
+    expect(ctx.ioas.map((i) => i.areas.map((a) => [a.iova, a.gpa]))).toEqual([[[0x1000n, 0x20_0000]], [[0x8000n, 0x21_0000]]]);
+    await dest.close();
+    await waitForNoWorkers();
+    expect(DeviceHandle.liveWorkers).toBe(baseline);
+  }, 120_000);
 });

@@ -27,6 +27,16 @@ export interface SpawnDeviceOptions {
   readonly restore?: DeviceWorkerState;
 }
 
+let liveWorkers = 0;
+
+/** Counts `worker` in DeviceHandle.liveWorkers until it exits (every worker a machine starts). */
+export function countWorker(worker: Worker): void {
+  liveWorkers++;
+  worker.once('exit', () => {
+    liveWorkers--;
+  });
+}
+
 /** Failure of a device worker, reported to whoever holds its handle. */
 export class DeviceWorkerError extends Error {
   readonly code = 'EDEVICEWORKER' as const;
@@ -79,6 +89,10 @@ export class DeviceHandle<Api extends DeviceControl = DeviceWorkerApi> {
   /** The worker's failure, once it has failed. */
   failure: DeviceWorkerError | undefined;
   private exited = false;
+  /** Device and endpoint workers started from this thread and not exited yet: a leak shows here. */
+  static get liveWorkers(): number {
+    return liveWorkers;
+  }
   private closing: Promise<void> | undefined;
 
   private constructor(
@@ -94,6 +108,7 @@ export class DeviceHandle<Api extends DeviceControl = DeviceWorkerApi> {
       this.failure = new DeviceWorkerError(name, `worker crashed: ${err.message}`);
       Atomics.store(new Int32Array(signals), DeviceSignal.WORKER_STATE, WorkerState.CRASHED);
     });
+    countWorker(worker);
     worker.on('exit', (code) => {
       this.exited = true;
       const s = new Int32Array(signals);

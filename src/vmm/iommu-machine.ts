@@ -14,7 +14,7 @@ import type { DeviceWorkerState } from '../runtime/device-worker-protocol.js';
 import type { DmaEngineWorkerState } from '../runtime/dma-engine-protocol.js';
 import type { IommuWorkerState } from '../runtime/iommu-worker-protocol.js';
 import { DeviceSignal, createSignalBuffer } from '../virtio/signals.js';
-import { DeviceHandle, DeviceWorkerError } from './device-handle.js';
+import { DeviceHandle, DeviceWorkerError, countWorker } from './device-handle.js';
 
 /**
  * What sits behind an endpoint: a test endpoint (DMA on command from the host, for tests and
@@ -125,6 +125,7 @@ function validateOptions(o: IommuMachineOptions): void {
   for (const [i, e] of o.endpoints.entries()) {
     if (typeof e === 'number') continue;
     if (typeof e !== 'object' || e === null) fail(`endpoints[${i}] must be an endpoint ID or an object with an id`);
+    if (!Number.isInteger(e.id) || e.id < 0 || e.id > 0xffff_ffff) fail(`endpoints[${i}].id must be a u32`);
     if (e.kind !== undefined && e.kind !== 'test' && e.kind !== 'dma-engine' && e.kind !== 'virtio-net') {
       fail(`endpoints[${i}].kind must be 'test', 'dma-engine' or 'virtio-net', got ${String(e.kind)}`);
     }
@@ -165,6 +166,7 @@ export class EndpointHandle {
     readonly worker: Worker,
     readonly control: Remote<EndpointWorkerApi>,
   ) {
+    countWorker(worker);
     worker.on('error', (err) => {
       this.failure = new DeviceWorkerError(`endpoint ${endpoint}`, `worker crashed: ${err.message}`);
     });
@@ -421,6 +423,19 @@ export class IommuMachine {
       if (s.version !== SECTION_VERSION) throw new MigrationError(`section '${name}' has version ${s.version}; this build reads ${SECTION_VERSION}`);
       return s.payload;
     };
+    try {
+      return await IommuMachine.restoreSections(sections, section, target);
+    } catch (err) {
+      if (err instanceof MigrationError) throw err;
+      throw new MigrationError(`the image's contents do not fit: ${(err as Error).message}`);
+    }
+  }
+
+  private static async restoreSections(
+    sections: ReadonlyMap<string, ImageSection>,
+    section: (name: string) => PlainValue,
+    target: { readonly memory: GuestMemory },
+  ): Promise<IommuMachine> {
     const saved = section(MACHINE_SECTION);
     if (typeof saved !== 'object' || saved === null || Array.isArray(saved) || saved instanceof Uint8Array) throw new MigrationError("the 'machine' section is not an options object");
     const options = { ...(saved as unknown as IommuMachineOptions), memory: target.memory };
