@@ -3,7 +3,12 @@
 // the consumer devices.
 
 // Machines of workers
-export { IommuMachine, EndpointHandle, endpointDeviceName } from './vmm/iommu-machine.js';
+export { IommuMachine, EndpointHandle, MigrationError, endpointDeviceName } from './vmm/iommu-machine.js';
+export { MemoryPrecopy } from './vmm/precopy.js';
+export type { DmaDirtyLog, PrecopyRound } from './vmm/precopy.js';
+export { MigrationImageError, decodeImage, encodeImage, isMigrationImageError, sectionMap } from './migration/image.js';
+export type { ImageSection, PlainValue } from './migration/image.js';
+export type { IommuWorkerState } from './runtime/iommu-worker-protocol.js';
 export type { EndpointDeclaration, EndpointKind, IommuMachineOptions } from './vmm/iommu-machine.js';
 export { DeviceHandle, DeviceWorkerError } from './vmm/device-handle.js';
 export type { DeviceControl, DeviceLaunch, MigratableControl, RestoreOf, SpawnDeviceOptions } from './vmm/device-handle.js';
