@@ -4,6 +4,7 @@ import { loadavg } from 'node:os';
 import { baseline } from './baseline.js';
 import { BenchContext, Unavailable, environment, formatTable, type BenchGroup, type BenchOptions } from './harness.js';
 import { limits } from './limits.js';
+import { migration } from './migration.js';
 import { ALL_METRICS } from './metrics.js';
 import { scale } from './scale.js';
 import { nested, translate } from './translate.js';
@@ -11,7 +12,7 @@ import { virtio } from './virtio.js';
 import { strictUnmapGroup, viommu } from './viommu.js';
 
 /** In run order: limits first, so later groups run on a machine in the same state as theirs. */
-const GROUPS: readonly BenchGroup[] = [limits, baseline, virtio, viommu, strictUnmapGroup, scale, translate, nested];
+const GROUPS: readonly BenchGroup[] = [limits, baseline, virtio, viommu, strictUnmapGroup, scale, translate, nested, migration];
 
 const USAGE = 'usage: node dist/bench/main.js [--quick] [--json] [--only PREFIX[,PREFIX...]]';
 

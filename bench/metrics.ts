@@ -130,6 +130,14 @@ export const REQUIRED_METRICS: readonly MetricSpec[] = [
   { name: 'viommu.map_unmap_per_s_b1', unit: 'pairs/s', implemented: true, what: 'viommu.map_unmap_per_s with 1 request per notification', compareTo: 'viommu.map_unmap_per_s' },
   { name: 'viommu.map_unmap_per_s_b16', unit: 'pairs/s', implemented: true, what: 'viommu.map_unmap_per_s with 16 requests per notification', compareTo: 'viommu.map_unmap_per_s' },
   { name: 'viommu.map_unmap_per_s_b256', unit: 'pairs/s', implemented: true, what: 'viommu.map_unmap_per_s with 256 requests per notification', compareTo: 'viommu.map_unmap_per_s' },
+  {
+    name: 'migration.downtime_ms',
+    unit: 'ms',
+    implemented: true,
+    what: 'stop-and-copy of a machine with a DMA engine, virtio-net and 5000 mappings: pause, save, last pre-copy round of 64 MiB, restore into new workers until they answer',
+  },
+  { name: 'migration.image_bytes_per_mapping', unit: 'B', implemented: true, what: 'migration image size divided by the mappings in it' },
+  { name: 'migration.precopy_round_ms', unit: 'ms', implemented: true, what: 'one pre-copy round over 64 MiB: IOMMU dirty bitmaps plus the page-hash log of every page' },
 ];
 
 /** Further figures that explain the required ones. */
