@@ -90,7 +90,7 @@ export class IoasidIommuBackend implements IommuBackend {
   private readonly paging = new Set<DomainHandle>();
   /** Dirty tracking is on for every paging HWPT (migration in progress). */
   private tracking = false;
-  /** Paging HWPTs allocated with DIRTY_TRACKING (the stage 2 of table domains included). */
+  /** Paging HWPTs of domains allocated with DIRTY_TRACKING. */
   private readonly trackable = new Set<number>();
   /** Guest pages DMA dirtied in mappings that were unmapped since the last dirtyPages(). */
   private readonly harvested = new Set<number>();
@@ -208,10 +208,8 @@ export class IoasidIommuBackend implements IommuBackend {
     }
     for (const [ep, dev] of devIds) this.devIds.set(ep, dev);
     for (const ep of gone) this.gone.add(ep);
-    if (stage2 !== undefined) {
-      (this.tables as IoasidTables).adoptStage2(stage2);
-      if (((index.hwptIoas.get(stage2.hwpt)?.flags ?? 0) & HwptAllocFlag.DIRTY_TRACKING) !== 0) this.trackable.add(stage2.hwpt);
-    }
+    // The stage 2 is never dirty-tracking (see IoasidTables), so it joins no dirty log.
+    if (stage2 !== undefined) (this.tables as IoasidTables).adoptStage2(stage2);
   }
 
   /** The adapter's part of a migration image (see BackendAdapterState). */
@@ -252,15 +250,11 @@ export class IoasidIommuBackend implements IommuBackend {
     const pages = new Set(this.harvested);
     this.harvested.clear();
     for (const h of this.paging) if (this.trackable.has(h.hwpt)) this.readDirty(h.hwpt, h.ioas, 0n, U64_MAX, pages);
-    const stage2 = this.tables instanceof IoasidTables ? this.tables.stage2() : undefined;
-    if (stage2 !== undefined && this.trackable.has(stage2.hwpt)) this.readDirty(stage2.hwpt, stage2.ioas, 0n, U64_MAX, pages);
     return [...pages].sort((a, b) => a - b);
   }
 
   private *trackedHwpts(): Generator<number> {
     for (const h of this.paging) if (this.trackable.has(h.hwpt)) yield h.hwpt;
-    const stage2 = this.tables instanceof IoasidTables ? this.tables.stage2() : undefined;
-    if (stage2 !== undefined && this.trackable.has(stage2.hwpt)) yield stage2.hwpt;
   }
 
   /** Collects the dirty pages of [start, end] of the IOAS (as GPA frames) into `into`. */
